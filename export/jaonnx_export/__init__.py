@@ -1,0 +1,1 @@
+"""jaonnx_export: PyTorch checkpoints to jaonnx ONNX artifacts (needs jaonnx[export])."""

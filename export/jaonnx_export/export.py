@@ -1,0 +1,165 @@
+"""Source checkpoint -> self-contained artifact directory (model.onnx, tokenizer, jaonnx.json)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from jaonnx.artifact import Manifest
+from jaonnx.errors import JaonnxError
+from jaonnx.recipes import Recipe
+from jaonnx.tokenization import RecipeTokenizer
+
+from .architectures import ARCHITECTURES
+from .sources import Source, resolve
+
+ExternalData = Literal["auto", "always", "never"]
+OPSET = 18
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+# protobuf cannot hold more than 2 GiB; stay clear of it.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+Progress = Callable[[str], None]
+
+
+def _versions() -> dict[str, str]:
+    names = ["jaonnx", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _load_model(source: Source) -> Any:
+    import torch
+    import transformers
+
+    model_class = getattr(transformers, source.recipe.architecture)
+    try:
+        model = model_class.from_pretrained(source.directory, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise JaonnxError(f"cannot load {source.name} as {model_class.__name__}: {first}") from None
+    return model.eval()
+
+
+def _write_tokenizer(source: Source, out: Path) -> None:
+    """Copy the sentencepiece model, or have transformers write its exact tokenizer.json."""
+    recipe = source.recipe
+    target = out / recipe.tokenizer_file
+    if recipe.tokenizer_backend == "sentencepiece":
+        found = source.directory / recipe.tokenizer_file
+        if not found.is_file():
+            raise JaonnxError(f"{source.name} has no {recipe.tokenizer_file}, which recipe {recipe.id} reads")
+        shutil.copyfile(found, target)
+        return
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    tokenizer.backend_tokenizer.save(str(target))
+
+
+def _special_ids(recipe: Recipe, out: Path) -> tuple[dict[str, int], int]:
+    from jaonnx.tokenization import load_backend
+
+    backend = load_backend(recipe.tokenizer_backend, out / recipe.tokenizer_file)
+    ids = {}
+    for role, token in recipe.special.items():
+        token_id = backend.piece_to_id(token)
+        if token_id is None:
+            raise JaonnxError(f"the tokenizer has no {token!r} ({role}), which recipe {recipe.id} needs")
+        ids[role] = token_id
+    return ids, backend.vocab_size
+
+
+def _save_onnx(traced: Path, out: Path, external_data: ExternalData) -> str | None:
+    """Re-save the traced graph as model.onnx, with all weights in one relative data file
+    when it is large or when asked (the legacy exporter would scatter hundreds of files)."""
+    import onnx
+
+    model = onnx.load(str(traced), load_external_data=True)
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    use_external = external_data == "always" or (external_data == "auto" and size > EXTERNAL_DATA_THRESHOLD)
+    for stale in (out / MODEL_FILE, out / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    if use_external:
+        onnx.save_model(
+            model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=DATA_FILE, size_threshold=1024,
+        )
+        return DATA_FILE
+    onnx.save_model(model, str(out / MODEL_FILE))
+    return None
+
+
+def export(
+    src: str,
+    out: str | Path,
+    recipe_id: str | None = None,
+    external_data: ExternalData = "auto",
+    progress: Progress | None = None,
+    parity_texts: list[str] | None = None,
+) -> Manifest:
+    """Export `src` (hub id or directory) to the artifact directory `out` and check parity."""
+    import torch
+
+    from .parity import check_parity
+
+    step = progress or (lambda _msg: None)
+    source = resolve(src, recipe_id)
+    recipe = source.recipe
+    adapter = ARCHITECTURES.get(recipe.architecture)
+    if adapter is None:
+        raise JaonnxError(f"no exporter for {recipe.architecture}: add one to jaonnx_export.architectures")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
+    model = _load_model(source)
+    config = model.config
+    _write_tokenizer(source, out)
+    special_ids, vocab_size = _special_ids(recipe, out)
+
+    step("tracing the ONNX graph")
+    wrapper = adapter.wrap(model, recipe)
+    inputs, outputs = adapter.names(config)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        traced = Path(tmp) / MODEL_FILE
+        with torch.no_grad():
+            torch.onnx.export(
+                wrapper, adapter.example_inputs(config), str(traced), input_names=inputs,
+                output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
+                opset_version=OPSET, dynamo=False,
+            )
+        step("saving model.onnx")
+        data_file = _save_onnx(traced, out, external_data)
+
+    manifest = Manifest(
+        recipe=recipe.id,
+        task=adapter.task,
+        model_file=MODEL_FILE,
+        tokenizer_file=recipe.tokenizer_file,
+        special_ids=special_ids,
+        vocab_size=int(config.vocab_size),
+        max_positions=adapter.max_positions(config),
+        inputs={name: ("float32" if name.startswith("past") else "int64") for name in inputs},
+        outputs={name: "float32" for name in outputs},
+        opset=OPSET,
+        source=source.name,
+        external_data=data_file,
+        decoder=adapter.decoder_shape(config),
+        versions=_versions(),
+    )
+    step("checking parity against PyTorch")
+    tokenizer = RecipeTokenizer.from_file(recipe, out / recipe.tokenizer_file, special_ids)
+    manifest.parity = check_parity(model, out, manifest, tokenizer, parity_texts)
+    manifest.write(out)
+    return manifest

@@ -1,0 +1,293 @@
+"""Twins: small, briefly trained checkpoints with each real model's class, config quirks,
+tokenizer class and special-token layout, built offline and deterministically.
+
+One `TwinSpec` per recipe. `build_twin` trains the tokenizer on the shipped corpus, writes the
+tokenizer files the real repository has, builds the model from its config, trains it for a few
+hundred steps (so greedy decoding is not degenerate and int8 quality can be judged) and saves.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jaonnx.recipes import get_recipe
+from jaonnx.tokenization.normalize import to_fullwidth
+
+from .tokenizers import SpmLayout, spm_to_tokenizer_json, train_spm, write_json
+
+CORPUS_FILE = "corpus_ja.txt"
+HELDOUT_EVERY = 10  # every 10th corpus line is held out of all training
+
+
+def corpus_lines() -> list[str]:
+    text = resources.files(__package__).joinpath(CORPUS_FILE).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def train_lines() -> list[str]:
+    return [line for i, line in enumerate(corpus_lines()) if i % HELDOUT_EVERY]
+
+
+def heldout_lines() -> list[str]:
+    """Sentences no twin saw in training: for parity and quality reports."""
+    return [line for i, line in enumerate(corpus_lines()) if not i % HELDOUT_EVERY]
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    recipe: str
+    layout: SpmLayout
+    vocab_size: int
+    config: Callable[[int, dict[str, int]], Any]  # (vocab size, special ids) -> transformers config
+    objective: str  # "mlm" or "clm"
+    tokenizer_config: dict[str, Any]
+    fullwidth_corpus: bool = False
+    tokenizer_json_only: bool = False
+    steps: int = 200
+
+
+def _rinna_roberta_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import RobertaConfig
+
+    return RobertaConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=514, type_vocab_size=1,
+        pad_token_id=ids["[PAD]"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+    )
+
+
+def _albert_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import AlbertConfig
+
+    return AlbertConfig(
+        vocab_size=vocab, embedding_size=32, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, max_position_embeddings=512,
+        pad_token_id=ids["<pad>"], bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"],
+    )
+
+
+def _jmed_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=512, pad_token_id=ids["[PAD]"],
+    )
+
+
+def _gpt_1b_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import GPT2Config
+
+    # The real model: 24 layers, 2048 wide, 16 heads, n_inner 8192. Same depth, heads and
+    # n_inner/n_embd ratio at 1/32 of the width.
+    return GPT2Config(
+        vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=24, n_head=16, n_inner=256,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+    )
+
+
+def _gpt2_small_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=4, n_head=4,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+    )
+
+
+TWINS: dict[str, TwinSpec] = {
+    spec.recipe: spec
+    for spec in [
+        TwinSpec(
+            recipe="rinna-roberta",
+            layout=SpmLayout(unk=("<unk>", 0), bos=("<s>", 1), eos=("</s>", 2), pad=("[PAD]", 3),
+                             user_symbols=("[CLS]", "[SEP]", "[MASK]")),
+            vocab_size=3000,
+            config=_rinna_roberta_config,
+            objective="mlm",
+            tokenizer_config={
+                "tokenizer_class": "T5Tokenizer", "do_lower_case": True, "extra_ids": 0,
+                "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]",
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+                "additional_special_tokens": [], "model_max_length": 512,
+            },
+        ),
+        TwinSpec(
+            recipe="ken11-albert",
+            layout=SpmLayout(unk=("<unk>", 1), bos=("[CLS]", 2), eos=("[SEP]", 3), pad=("<pad>", 0),
+                             user_symbols=("[MASK]",)),
+            vocab_size=3000,
+            config=_albert_config,
+            objective="mlm",
+            tokenizer_config={
+                "tokenizer_class": "AlbertTokenizerFast", "do_lower_case": False, "keep_accents": True,
+                "unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "[CLS]", "eos_token": "[SEP]",
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+                "model_max_length": 512,
+            },
+        ),
+        TwinSpec(
+            recipe="jmedroberta",
+            layout=SpmLayout(unk=("[UNK]", 1), bos=("[CLS]", 2), eos=("[SEP]", 3), pad=("[PAD]", 0),
+                             user_symbols=("[MASK]",), normalization="identity"),
+            vocab_size=3000,
+            config=_jmed_config,
+            objective="mlm",
+            fullwidth_corpus=True,
+            tokenizer_json_only=True,
+            tokenizer_config={
+                "tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]", "pad_token": "[PAD]",
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+                "model_max_length": 512,
+            },
+        ),
+        TwinSpec(
+            recipe="rinna-gpt-1b",
+            layout=SpmLayout(unk=("<unk>", 1), bos=("<s>", 2), eos=("</s>", 3), pad=("[PAD]", 0),
+                             user_symbols=("[CLS]", "[SEP]", "[MASK]")),
+            vocab_size=3000,
+            config=_gpt_1b_config,
+            objective="clm",
+            steps=60,
+            tokenizer_config={
+                "tokenizer_class": "T5Tokenizer", "extra_ids": 0,
+                "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]",
+                "cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]",
+                "additional_special_tokens": [], "model_max_length": 1024,
+            },
+        ),
+        TwinSpec(
+            recipe="gpt2-small-ja",
+            layout=SpmLayout(unk=("<unk>", 1), bos=("<s>", 2), eos=("</s>", 3), pad=("<pad>", 0)),
+            vocab_size=3000,
+            config=_gpt2_small_config,
+            objective="clm",
+            tokenizer_config={
+                "tokenizer_class": "BertGenerationTokenizer", "unk_token": "<unk>", "bos_token": "<s>",
+                "eos_token": "</s>", "pad_token": "<pad>", "sep_token": "<::::>",
+                "model_max_length": 1024,
+            },
+        ),
+    ]
+}
+
+
+def _piece_ids(model: bytes) -> dict[str, int]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    return {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+
+
+def _train(model: Any, ids: list[list[int]], spec: TwinSpec, special: dict[str, int]) -> float:
+    """A few hundred AdamW steps on the corpus; returns the last loss."""
+    import torch
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    seq, batch = 32, 8
+    stream = torch.tensor([t for sentence in ids for t in sentence], dtype=torch.long)
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    never_masked = torch.tensor(sorted(special.values()))
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(spec.steps):
+        starts = torch.randint(0, len(stream) - seq - 1, (batch,), generator=generator)
+        chunk = torch.stack([stream[s : s + seq] for s in starts])
+        if spec.objective == "clm":
+            loss = model(input_ids=chunk, labels=chunk).loss
+        else:
+            inputs = chunk.clone()
+            chosen = torch.rand(chunk.shape, generator=generator) < 0.15
+            chosen &= ~torch.isin(chunk, never_masked)
+            labels = torch.where(chosen, chunk, torch.full_like(chunk, -100))
+            inputs[chosen] = special["mask"]
+            positions = torch.arange(seq).expand(batch, seq)  # from 0, as every recipe asks
+            loss = model(input_ids=inputs, position_ids=positions, labels=labels).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+    return float(loss.detach())
+
+
+def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
+    """Build one twin into `out_dir/<recipe id>` and return that directory."""
+    import torch
+    import transformers
+
+    spec = TWINS[recipe_id]
+    recipe = get_recipe(recipe_id)
+    target = Path(out_dir) / recipe_id
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+
+    lines = train_lines()
+    if spec.fullwidth_corpus:
+        lines = [to_fullwidth(line) for line in lines]
+    if "lowercase" in recipe.normalizers:
+        lines = [line.lower() for line in lines]
+    sp_model = train_spm(lines, spec.layout, spec.vocab_size)
+    pieces = _piece_ids(sp_model)
+    special = {role: pieces[token] for role, token in recipe.special.items()}
+
+    tok_config = dict(spec.tokenizer_config)
+    if spec.tokenizer_json_only:
+        specials = [t for t, _ in sorted(((t, pieces[t]) for _, t in recipe.special.items()), key=lambda x: x[1])]
+        (target / "tokenizer.json").write_text(
+            spm_to_tokenizer_json(sp_model, specials, recipe.special.unk, recipe.special.cls, recipe.special.sep),
+            encoding="utf-8",
+        )
+    else:
+        (target / "spiece.model").write_bytes(sp_model)
+    write_json(target / "tokenizer_config.json", tok_config)
+    write_json(
+        target / "special_tokens_map.json",
+        {f"{role}_token": token for role, token in recipe.special.items()},
+    )
+
+    torch.manual_seed(0)
+    config = spec.config(len(pieces), pieces)
+    config.architectures = [recipe.architecture]
+    model = getattr(transformers, recipe.architecture)(config)
+    with torch.no_grad():
+        ids = [list(x) for x in _encode_all(sp_model, lines)]
+    _train(model, ids, spec if steps is None else _with_steps(spec, steps), special)
+    model.save_pretrained(target)
+    return target
+
+
+def _with_steps(spec: TwinSpec, steps: int) -> TwinSpec:
+    from dataclasses import replace
+
+    return replace(spec, steps=steps)
+
+
+def _encode_all(sp_model: bytes, lines: list[str]) -> list[list[int]]:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=sp_model)
+    return [sp.encode(line) for line in lines]
+
+
+def build_twins(
+    out_dir: str | Path,
+    recipes: list[str] | None = None,
+    steps: int | None = None,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, Path]:
+    """Build the twins (all five by default) and return recipe id -> checkpoint directory."""
+    built = {}
+    for recipe_id in recipes or list(TWINS):
+        start = time.perf_counter()
+        built[recipe_id] = build_twin(recipe_id, Path(out_dir), steps=steps)
+        if progress:
+            progress(recipe_id, time.perf_counter() - start)
+    return built

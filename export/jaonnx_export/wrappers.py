@@ -1,0 +1,68 @@
+"""Torch modules that give each task the graph interface the runtime expects.
+
+The quirks are fixed here, once: masked-LM positions are computed inside the graph from the
+attention mask and start at the recipe's `position_start` (0), so no caller can reproduce
+transformers' RoBERTa `padding_idx + 1` offset; the decoder takes and returns its KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MaskedLMWithPositions(nn.Module):
+    """(input_ids, attention_mask) -> logits, positions from the mask, segment ids all 0."""
+
+    def __init__(self, model: nn.Module, position_start: int, token_type_ids: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.position_start = position_start
+        self.token_type_ids = token_type_ids
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0) + self.position_start
+        extra = {"token_type_ids": torch.zeros_like(input_ids)} if self.token_type_ids else {}
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **extra
+        ).logits
+
+
+class CausalLMWithPast(nn.Module):
+    """(input_ids, attention_mask, position_ids, logits_to_keep, *past) -> (logits, *present).
+
+    `attention_mask` covers past + new tokens; `logits_to_keep` (a 1-element int64 tensor)
+    says how many trailing positions get logits: 1 when generating, all when scoring, so the
+    vocabulary projection is not paid for prompt tokens nobody reads.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        logits_to_keep: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
+        out = self.model.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        keep = hidden[:, hidden.shape[1] - logits_to_keep[0] :, :]
+        logits = self.model.lm_head(keep)
+        present: list[torch.Tensor] = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (logits, *present)

@@ -1,0 +1,112 @@
+"""Two tokenizer backends behind one small interface.
+
+Both can encode a text as the *start* of a sequence (sentencepiece's dummy-prefix `▁`) or as
+the *continuation* of one (no prefix). Encoding the text after a typed `[MASK]` as a
+continuation is what removes the spurious `▁` token the ALBERT and JMedRoBERTa cards show.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import JaonnxError
+
+
+class Backend(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def id_to_piece(self, token_id: int) -> str: ...
+    def piece_to_id(self, piece: str) -> int | None: ...
+
+
+class SentencePieceBackend:
+    """A `spiece.model` read with sentencepiece; a second processor has the dummy prefix off."""
+
+    def __init__(self, path: Path) -> None:
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        data = Path(path).read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=data)
+        proto = model_pb2.ModelProto()
+        proto.ParseFromString(data)
+        proto.normalizer_spec.add_dummy_prefix = False
+        self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.vocab_size = self._sp.get_piece_size()
+
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]:
+        sp = self._sp_cont if continuation and not text[:1].isspace() else self._sp
+        return list(sp.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def piece_to_id(self, piece: str) -> int | None:
+        token_id = self._sp.piece_to_id(piece)
+        if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
+            return None
+        return token_id
+
+
+def _without_prefix(node: Any) -> Any:
+    """Copy of a tokenizer.json component tree with every Metaspace prefix switched off."""
+    if isinstance(node, list):
+        return [_without_prefix(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+    if isinstance(node, dict):
+        node = {k: _without_prefix(v) for k, v in node.items()}
+        if node.get("type") == "Metaspace":
+            node["prepend_scheme"] = "never"
+            node["add_prefix_space"] = False
+        return node
+    return node
+
+
+class TokenizersBackend:
+    """A `tokenizer.json` read with Hugging Face tokenizers (no transformers)."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+        self._tok = Tokenizer.from_str(json.dumps(config))
+        cont = dict(config)
+        for key in ("normalizer", "pre_tokenizer"):
+            if cont.get(key) is not None:
+                node = cont[key]
+                if isinstance(node, dict) and node.get("type") == "Prepend":
+                    cont[key] = None
+                else:
+                    cont[key] = _without_prefix(node)
+        try:
+            self._tok_cont = Tokenizer.from_str(json.dumps(cont))
+        except Exception as exc:  # pragma: no cover - depends on exotic tokenizer.json files
+            raise JaonnxError(f"cannot build a continuation tokenizer from {path}: {exc}") from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, continuation: bool = False) -> list[int]:
+        tok = self._tok_cont if continuation and not text[:1].isspace() else self._tok
+        return tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(int(token_id)) or ""
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._tok.token_to_id(piece)
+
+
+def load_backend(kind: str, path: Path) -> Backend:
+    if kind == "sentencepiece":
+        return SentencePieceBackend(path)
+    if kind == "tokenizers":
+        return TokenizersBackend(path)
+    raise JaonnxError(f"unknown tokenizer backend {kind!r}: re-export the artifact with this jaonnx")
