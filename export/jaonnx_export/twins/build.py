@@ -50,6 +50,8 @@ class TwinSpec:
     fullwidth_corpus: bool = False
     tokenizer_json_only: bool = False
     steps: int = 200
+    # Train this many layers, then spread them over the configured depth (see `_deepen`).
+    train_layers: int | None = None
 
 
 def _rinna_roberta_config(vocab: int, ids: dict[str, int]) -> Any:
@@ -154,7 +156,8 @@ TWINS: dict[str, TwinSpec] = {
             vocab_size=3000,
             config=_gpt_1b_config,
             objective="clm",
-            steps=60,
+            steps=600,
+            train_layers=4,
             tokenizer_config={
                 "tokenizer_class": "T5Tokenizer", "extra_ids": 0,
                 "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "[PAD]",
@@ -168,6 +171,7 @@ TWINS: dict[str, TwinSpec] = {
             vocab_size=3000,
             config=_gpt2_small_config,
             objective="clm",
+            steps=600,
             tokenizer_config={
                 "tokenizer_class": "BertGenerationTokenizer", "unk_token": "<unk>", "bos_token": "<s>",
                 "eos_token": "</s>", "pad_token": "<pad>", "sep_token": "<::::>",
@@ -256,12 +260,47 @@ def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
     torch.manual_seed(0)
     config = spec.config(len(pieces), pieces)
     config.architectures = [recipe.architecture]
-    model = getattr(transformers, recipe.architecture)(config)
-    with torch.no_grad():
-        ids = [list(x) for x in _encode_all(sp_model, lines)]
-    _train(model, ids, spec if steps is None else _with_steps(spec, steps), special)
+    model_class = getattr(transformers, recipe.architecture)
+    ids = _encode_all(sp_model, lines)
+    spec = spec if steps is None else _with_steps(spec, steps)
+    if spec.train_layers:
+        shallow = model_class(_with_layers(config, spec.train_layers))
+        _train(shallow, ids, spec, special)
+        model = _deepen(shallow, model_class(config))
+    else:
+        model = model_class(config)
+        _train(model, ids, spec, special)
     model.save_pretrained(target)
     return target
+
+
+def _with_layers(config: Any, layers: int) -> Any:
+    copy = config.__class__.from_dict(config.to_dict())
+    copy.n_layer = layers
+    return copy
+
+
+def _deepen(shallow: Any, deep: Any, damping: float = 0.1) -> Any:
+    """A deep GPT-2 whose every k-th block is a trained block and the rest random blocks with
+    damped output projections: 24 real layers (each one's KV cache changes the logits) that
+    decode like the trained shallow model. Training 24 layers to that point takes minutes."""
+    import torch
+
+    n_shallow, n_deep = len(shallow.transformer.h), len(deep.transformer.h)
+    stride = n_deep // n_shallow
+    with torch.no_grad():
+        deep.transformer.wte.load_state_dict(shallow.transformer.wte.state_dict())
+        deep.transformer.wpe.load_state_dict(shallow.transformer.wpe.state_dict())
+        deep.transformer.ln_f.load_state_dict(shallow.transformer.ln_f.state_dict())
+        for i, block in enumerate(deep.transformer.h):
+            if i % stride == 0 and i // stride < n_shallow:
+                block.load_state_dict(shallow.transformer.h[i // stride].state_dict())
+            else:
+                for proj in (block.attn.c_proj, block.mlp.c_proj):
+                    proj.weight.mul_(damping)
+                    proj.bias.zero_()
+    deep.tie_weights()
+    return deep.eval()
 
 
 def _with_steps(spec: TwinSpec, steps: int) -> TwinSpec:

@@ -1,0 +1,211 @@
+"""The `jaonnx` command. Export-side commands import `jaonnx_export` lazily, inside the command,
+so the runtime commands never load torch or transformers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import JaonnxError
+
+app = typer.Typer(
+    help="Fast, torch-free ONNX inference for Japanese sentencepiece transformer models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
+
+
+def _need_export() -> Any:
+    try:
+        import jaonnx_export.export as export_module
+    except ImportError as exc:
+        raise JaonnxError(
+            f"export needs the export extra ({exc.name} is missing): pip install 'jaonnx[cpu,export]'"
+        ) from None
+    return export_module
+
+
+@app.command()
+def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the supported models (recipes) and their quirks."""
+    from .recipes import RECIPES
+
+    rows = [{"id": r.id, "hub_id": r.hub_id, "task": r.task, "architecture": r.architecture, "notes": r.notes}
+            for r in RECIPES.values()]
+    if as_json:
+        _json(rows)
+        return
+    for row in rows:
+        out.print(f"[bold]{row['id']}[/bold]  {row['hub_id']}  ({row['task']}, {row['architecture']})")
+        out.print(f"    {row['notes']}")
+
+
+@app.command()
+def twins(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write one checkpoint per model into.")],
+    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="Only these recipes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Build the offline twins: small trained checkpoints shaped like the five real models."""
+    try:
+        from jaonnx_export.twins import TWINS, build_twins
+    except ImportError as exc:
+        raise JaonnxError(f"twins need the export extra ({exc.name} is missing): pip install 'jaonnx[cpu,export]'") from None
+    for r in recipe or []:
+        if r not in TWINS:
+            raise JaonnxError(f"no twin for recipe {r!r}: use one of {', '.join(TWINS)}")
+    with err.status("building twins") as status:
+        built = build_twins(
+            out_dir, recipe, progress=lambda r, s: (status.update(f"built {r}"), err.print(f"  {r}: {s:.1f} s"))
+        )
+    if as_json:
+        _json({k: str(v) for k, v in built.items()})
+    else:
+        for k, v in built.items():
+            out.print(f"{k}\t{v}")
+
+
+@app.command()
+def export(
+    src: Annotated[str, typer.Argument(help="Hub id (e.g. rinna/japanese-roberta-base) or checkpoint directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")],
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe id; detected from the checkpoint when omitted.")] = None,
+    external_data: Annotated[str, typer.Option(help="auto | always | never: weights in model.onnx.data.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """Export a checkpoint to an ONNX artifact and check it against PyTorch."""
+    if external_data not in ("auto", "always", "never"):
+        raise JaonnxError(f"--external-data must be auto, always or never, not {external_data!r}")
+    export_module = _need_export()
+    with err.status("exporting") as status:
+        manifest = export_module.export(
+            src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
+            progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
+        )
+    if as_json:
+        sys.stdout.write(manifest.to_json() + "\n")
+        return
+    parity = manifest.parity
+    out.print(
+        f"wrote {output} ({manifest.recipe}, {manifest.task}); parity: max |logit diff| "
+        f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
+    )
+
+
+@app.command("fill-mask")
+def fill_mask(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory from `jaonnx export`.")],
+    texts: Annotated[list[str], typer.Argument(help="Text(s) with [MASK].")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", help="Predictions per mask.")] = 5,
+    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Predict the [MASK] tokens in TEXTS."""
+    from . import load
+
+    model = load(artifact, providers=providers)
+    if model.task != "fill-mask":
+        raise JaonnxError(f"{artifact} is a {model.task} artifact: use `jaonnx generate`")
+    results = model(list(texts), top_k=top_k)
+    if as_json:
+        _json(results if len(texts) > 1 else results[0])
+        return
+    for text, result in zip(texts, results):
+        out.print(f"[bold]{text}[/bold]")
+        per_mask = result if result and isinstance(result[0], list) else [result]
+        for m, preds in enumerate(per_mask):
+            if len(per_mask) > 1:
+                out.print(f"  mask {m + 1}")
+            for p in preds:
+                out.print(f"  {p['score']:.4f}  {p['token_str']:<12} {p['sequence']}")
+
+
+def _load_generator(artifact: Path, providers: str) -> Any:
+    from . import load
+
+    model = load(artifact, providers=providers)
+    if model.task != "text-generation":
+        raise JaonnxError(f"{artifact} is a {model.task} artifact: use `jaonnx fill-mask`")
+    return model
+
+
+@app.command()
+def generate(
+    artifact: Annotated[Path, typer.Argument(help="Generation artifact directory.")],
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens to generate (default: the card's).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of the card's sampling.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (0 = greedy).")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeats.")] = None,
+    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences", help="Samples per prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
+    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print prompt ids, generated ids and text as JSON.")] = False,
+) -> None:
+    """Continue PROMPT with the model's card decoding settings (or the ones given)."""
+    gen = _load_generator(artifact, providers)
+    options = {
+        k: v
+        for k, v in dict(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences, seed=seed,
+        ).items()
+        if v is not None
+    }
+    if greedy:
+        options["do_sample"] = False
+    if stream and not as_json:
+        sys.stdout.write(prompt)
+        for piece in gen.stream(prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    results = gen.generate([prompt], return_ids=True, **options)
+    if as_json:
+        _json([r.to_dict() for r in results] if len(results) > 1 else results[0].to_dict())
+        return
+    for r in results:
+        out.print(r.full_text, markup=False, highlight=False)
+
+
+@app.command()
+def score(
+    artifact: Annotated[Path, typer.Argument(help="Generation artifact directory.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to score.")],
+    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Log-likelihood and perplexity of each text."""
+    results = _load_generator(artifact, providers).score(list(texts))
+    if as_json:
+        _json([{k: v for k, v in r.to_dict().items() if k != "token_logprobs"} for r in results])
+        return
+    for r in results:
+        out.print(f"{r.perplexity:10.2f}  {r.log_likelihood:10.3f}  {r.text}", markup=False, highlight=False)
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except JaonnxError as exc:
+        sys.stderr.write(f"error: {' '.join(str(exc).split())}\n")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

@@ -1,0 +1,138 @@
+"""FillMask: transformers' fill-mask pipeline results, from ONNX Runtime, without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypedDict
+
+import numpy as np
+
+from .artifact import Manifest
+from .errors import JaonnxError
+from .session import Providers, create_session
+from .tokenization import RecipeTokenizer
+
+
+class Prediction(TypedDict):
+    score: float
+    token: int
+    token_str: str
+    sequence: str
+
+
+class Encoding(TypedDict, total=False):
+    input_ids: list[int]
+    attention_mask: list[int]
+    position_ids: list[int]
+    token_type_ids: list[int]
+    mask_positions: list[int]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted, dtype=np.float64)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class FillMask:
+    """`fm("大学で[MASK]の研究をしています")` -> top-k predictions per mask."""
+
+    task = "fill-mask"
+
+    def __init__(self, directory: Path, manifest: Manifest, providers: Providers = "auto", **session_options: Any):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.recipe = manifest.recipe_obj
+        self.tokenizer = RecipeTokenizer.from_file(
+            self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
+        )
+        self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
+        self.pad_id = manifest.special_ids.get("pad", 0)
+
+    @property
+    def mask_token(self) -> str:
+        return self.recipe.special.mask or "[MASK]"
+
+    def _ids(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise JaonnxError(f"expected a text (str), got {type(text).__name__}")
+        if not text.strip():
+            raise JaonnxError(f"empty text: pass a sentence with at least one {self.mask_token}")
+        if self.mask_token not in text:
+            raise JaonnxError(f"no {self.mask_token} in {text[:40]!r}: mark the word to predict with {self.mask_token}")
+        ids = self.tokenizer.encode_masked(text)
+        limit = self.manifest.max_positions
+        if len(ids) > limit:
+            raise JaonnxError(
+                f"text is {len(ids)} tokens but the model takes at most {limit}: shorten it or split it"
+            )
+        return ids
+
+    def encode(self, text: str) -> Encoding:
+        """The exact inputs the model sees (positions are computed in the graph, from 0)."""
+        ids = self._ids(text)
+        n = len(ids)
+        encoding: Encoding = {
+            "input_ids": ids,
+            "attention_mask": [1] * n,
+            "position_ids": [self.recipe.position_start + i for i in range(n)],
+        }
+        if self.recipe.token_type_ids:
+            encoding["token_type_ids"] = [0] * n
+        encoding["mask_positions"] = [i for i, t in enumerate(ids) if t == self.tokenizer.mask_id]
+        return encoding
+
+    def _run(self, rows: list[list[int]]) -> np.ndarray:
+        width = max(map(len, rows))
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
+        return logits
+
+    def _predictions(self, ids: list[int], position: int, logits: np.ndarray, top_k: int) -> list[Prediction]:
+        probs = softmax(logits)
+        top = np.argpartition(-probs, min(top_k, len(probs) - 1))[:top_k]
+        top = top[np.argsort(-probs[top], kind="stable")]
+        mask_id = self.tokenizer.mask_id
+        results: list[Prediction] = []
+        for token in top.tolist():
+            filled = list(ids)
+            filled[position] = token
+            results.append(
+                {
+                    "score": float(probs[token]),
+                    "token": int(token),
+                    "token_str": self.tokenizer.token_str(token),
+                    "sequence": self.tokenizer.decode(filled, keep=(mask_id,)),
+                }
+            )
+        return results
+
+    def __call__(
+        self, inputs: str | list[str], top_k: int = 5, batch_size: int = 16
+    ) -> list[Prediction] | list[list[Prediction]] | list[Any]:
+        """Like transformers' pipeline: one text with one mask gives a list of predictions;
+        several masks give a list per mask; a list of texts gives a list per text."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise JaonnxError(f"top_k must be a positive integer, got {top_k!r}")
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else list(inputs)
+        if not texts:
+            raise JaonnxError("no texts given: pass a text or a non-empty list of texts")
+        top_k = min(top_k, self.manifest.vocab_size)
+        rows = [self._ids(t) for t in texts]
+        results: list[Any] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            logits = self._run(chunk)
+            for i, ids in enumerate(chunk):
+                per_mask = [
+                    self._predictions(ids, p, logits[i, p], top_k)
+                    for p, t in enumerate(ids)
+                    if t == self.tokenizer.mask_id
+                ]
+                results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
+        return results[0] if single else results
