@@ -39,9 +39,19 @@ def run_cli(*args: str) -> "object":
 
 
 def export_via_cli(src: Path, out: Path, *extra: str) -> Path:
+    """`jaonnx export SRC -o OUT EXTRA...`, into a scratch directory renamed into place, so
+    concurrent test sessions sharing JAONNX_TEST_CACHE never see half an artifact."""
+    import shutil
+    import tempfile
+
     if not (out / "jaonnx.json").is_file():
-        result = run_cli("export", str(src), "-o", str(out), *extra)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        result = run_cli("export", str(src), "-o", str(scratch), *extra)
         assert result.exit_code == 0, result.output
+        if out.exists():
+            shutil.rmtree(out)
+        scratch.rename(out)
     return out
 
 

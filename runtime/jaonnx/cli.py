@@ -84,6 +84,10 @@ def export(
     recipe: Annotated[Optional[str], typer.Option(help="Recipe id; detected from the checkpoint when omitted.")] = None,
     external_data: Annotated[str, typer.Option(help="auto | always | never: weights in model.onnx.data.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 weights, for CPU.")] = None,
+    dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 is for CUDA).")] = "fp32",
+    optimize: Annotated[bool, typer.Option("--optimize", help="ORT transformer fusions, kept only where faster.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Keep an int8/fp16 artifact below the quality gate.")] = False,
 ) -> None:
     """Export a checkpoint to an ONNX artifact and check it against PyTorch."""
     if external_data not in ("auto", "always", "never"):
@@ -92,6 +96,7 @@ def export(
     with err.status("exporting") as status:
         manifest = export_module.export(
             src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
+            quantize=quantize, dtype=dtype, optimize=optimize, force=force,
             progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
         )
     if as_json:
@@ -198,6 +203,51 @@ def score(
         return
     for r in results:
         out.print(f"{r.perplexity:10.2f}  {r.log_likelihood:10.3f}  {r.text}", markup=False, highlight=False)
+
+
+DEMO_FILL_MASK = {
+    "rinna-roberta": "[CLS]4年に1度[MASK]は開かれる。",
+    "ken11-albert": "大学で[MASK]の研究をしています",
+    "jmedroberta": "この患者は[MASK]と診断された。",
+}
+DEMO_PROMPTS = {"rinna-gpt-1b": "西田幾多郎は、", "gpt2-small-ja": "近年の機械学習は"}
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where twins/ and artifacts/ go.")] = Path("."),
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 32,
+) -> None:
+    """The whole pipeline offline: build the twins, export them, fill masks, generate."""
+    from . import load
+
+    try:
+        from jaonnx_export.twins import build_twins
+    except ImportError as exc:
+        raise JaonnxError(f"the demo needs the export extra ({exc.name} is missing): bash scripts/setup.sh") from None
+    export_module = _need_export()
+    twins_dir, artifacts_dir = work_dir / "twins", work_dir / "artifacts"
+    err.print(f"[bold]1. twins[/bold] -> {twins_dir} (small checkpoints trained on the shipped corpus)")
+    built = build_twins(twins_dir, progress=lambda r, s: err.print(f"   {r}: {s:.1f} s"))
+    err.print(f"[bold]2. export[/bold] -> {artifacts_dir}")
+    for recipe_id, src in built.items():
+        manifest = export_module.export(str(src), artifacts_dir / recipe_id)
+        err.print(f"   {recipe_id}: parity max |logit diff| {manifest.parity['max_abs_logit_diff']:.1e}")
+    out.print("\n[bold]3. fill-mask[/bold]")
+    for recipe_id, text in DEMO_FILL_MASK.items():
+        out.print(f"[cyan]{recipe_id}[/cyan]  {text}", markup=True, highlight=False)
+        for p in load(artifacts_dir / recipe_id, providers="cpu")(text, top_k=5):
+            out.print(f"   {p['score']:.4f}  {p['token_str']}", markup=False, highlight=False)
+    out.print("\n[bold]4. generation[/bold] (twins are tiny: expect fluent-ish nonsense)")
+    for recipe_id, prompt in DEMO_PROMPTS.items():
+        gen = load(artifacts_dir / recipe_id, providers="cpu")
+        for label, options in (("greedy", {"do_sample": False}), ("sampled, seed 0", {"seed": 0})):
+            out.print(f"[cyan]{recipe_id}[/cyan] ({label})")
+            sys.stdout.write("   " + prompt)
+            for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
 
 
 def main() -> None:

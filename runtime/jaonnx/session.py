@@ -47,7 +47,9 @@ def _has_dist(name: str) -> bool:
 
 
 def resolve_providers(providers: Providers, available: Sequence[str]) -> list[str]:
-    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', or explicit provider names."""
+    """'auto' (CUDA when present, else CPU), 'cpu', 'cuda', or explicit provider names.
+
+    An explicit provider that this onnxruntime lacks is an error; 'auto' never fails."""
     if providers is None or providers == "auto":
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     wanted = [providers] if isinstance(providers, str) else list(providers)
@@ -64,15 +66,38 @@ def resolve_providers(providers: Providers, available: Sequence[str]) -> list[st
 
 
 def default_threads() -> int:
-    """Physical cores where known: hyper-threads slow matrix kernels down."""
+    """Physical cores where known (hyper-threads slow matrix kernels down), within the CPU
+    affinity mask (containers), overridable with JAONNX_THREADS."""
+    env = os.environ.get("JAONNX_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise JaonnxError(f"JAONNX_THREADS must be an integer, not {env!r}") from None
     count = os.cpu_count() or 1
+    try:
+        count = len(os.sched_getaffinity(0)) or count
+    except (AttributeError, OSError):
+        pass
     try:
         import psutil  # optional
 
-        count = psutil.cpu_count(logical=False) or count
+        physical = psutil.cpu_count(logical=False)
+        if physical:
+            count = min(count, physical)
     except ImportError:
         pass
     return max(1, count)
+
+
+_LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def _provider_options(name: str) -> dict[str, str]:
+    """CUDA: grow the arena by what is asked (not powers of two), heuristic conv search."""
+    if name == "CUDAExecutionProvider":
+        return {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"}
+    return {}
 
 
 def create_session(
@@ -82,22 +107,48 @@ def create_session(
     inter_op_threads: int = 1,
     optimization: str = "all",
     profile: bool = False,
+    *,
+    cpu_arena: bool = True,
+    memory_pattern: bool = True,
+    spinning: bool | None = None,
+    config: dict[str, str] | None = None,
 ) -> Any:
+    """An InferenceSession with the runtime's defaults: all graph optimizations, one intra-op
+    thread per physical core, sequential execution, the CPU arena on. `config` adds raw ORT
+    session config entries; `spinning=False` stops idle worker threads from busy-waiting
+    (useful when the machine is shared with other processes)."""
     ort = import_ort()
+    if optimization not in _LEVELS:
+        raise JaonnxError(f"optimization must be one of {', '.join(_LEVELS)}, not {optimization!r}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads or default_threads()
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = {
-        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[optimization])
     options.enable_profiling = profile
-    chosen = resolve_providers(providers, ort.get_available_providers())
+    options.enable_cpu_mem_arena = cpu_arena
+    options.enable_mem_pattern = memory_pattern
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
+    available = ort.get_available_providers()
+    chosen = resolve_providers(providers, available)
+    auto = providers is None or providers == "auto"
+    if auto and "CUDAExecutionProvider" not in available and _has_dist("onnxruntime-gpu"):
+        warnings.warn("onnxruntime-gpu is installed but offers no CUDA provider: running on CPU", stacklevel=2)
+    with_options = [(p, _provider_options(p)) for p in chosen]
     try:
-        return ort.InferenceSession(str(model_path), sess_options=options, providers=chosen)
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=with_options)
     except Exception as exc:  # corrupt or truncated model files
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise JaonnxError(f"cannot load {model_path}: {first}; re-run `jaonnx export`") from None
+    if "CUDAExecutionProvider" in chosen and session.get_providers()[0] != "CUDAExecutionProvider":
+        # ORT falls back silently when the CUDA libraries or the GPU are missing.
+        if not auto:
+            raise JaonnxError(
+                "CUDA was asked for but could not be initialised (no GPU, driver or CUDA/cuDNN libraries): "
+                "check `nvidia-smi` and the onnxruntime-gpu CUDA requirements, or use providers='auto'"
+            )
+        warnings.warn("CUDA is not usable here (no GPU or CUDA libraries): running on CPU", stacklevel=2)
+    return session

@@ -9,6 +9,7 @@ hundred steps (so greedy decoding is not degenerate and int8 quality can be judg
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -228,10 +229,10 @@ def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
 
     spec = TWINS[recipe_id]
     recipe = get_recipe(recipe_id)
-    target = Path(out_dir) / recipe_id
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True)
+    final = Path(out_dir) / recipe_id
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # Build in a scratch directory and rename at the end: a reader never sees half a twin.
+    target = Path(tempfile.mkdtemp(prefix=f".{recipe_id}-", dir=final.parent))
 
     lines = train_lines()
     if spec.fullwidth_corpus:
@@ -271,7 +272,10 @@ def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
         model = model_class(config)
         _train(model, ids, spec, special)
     model.save_pretrained(target)
-    return target
+    if final.exists():
+        shutil.rmtree(final)
+    target.rename(final)
+    return final
 
 
 def _with_layers(config: Any, layers: int) -> Any:

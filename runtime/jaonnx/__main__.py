@@ -1,0 +1,5 @@
+"""`python -m jaonnx` is the `jaonnx` command."""
+
+from .cli import main
+
+main()

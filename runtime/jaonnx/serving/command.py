@@ -1,0 +1,63 @@
+"""`jaonnx serve`: registered in cli.py with `app.command()(serve)`. fastapi, uvicorn and ray
+are imported inside, so the rest of the CLI works without the `serve` extra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import JaonnxError
+
+
+def _need(module: str, extra: str = "serve") -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise JaonnxError(f"serving needs {module}: pip install 'jaonnx[{extra}]'")
+
+
+def serve(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories; each is served under its directory name.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Fill-mask texts per batch; generation rows per decode step.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a fill-mask batch waits to fill up.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 503 + Retry-After.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds, queueing included.")] = 120.0,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
+    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of one uvicorn process.")] = False,
+    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (e.g. auto); default: start one.")] = None,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (without autoscaling).")] = 1,
+    min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling lower bound (turns autoscaling on).")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling upper bound (turns autoscaling on).")] = None,
+    replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
+) -> None:
+    """Serve ARTIFACTS over HTTP: /v1/fill-mask, /v1/generate and OpenAI's /v1/completions."""
+    for path in artifacts:
+        if not (path / "jaonnx.json").is_file():
+            raise JaonnxError(f"{path} is not a jaonnx artifact (no jaonnx.json): export one with `jaonnx export`")
+    options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                   request_timeout=timeout, max_body_bytes=max_body_bytes)
+    if ray:
+        _need("ray", "serve,ray")
+        from .ray_serve import autoscaling_config, run
+
+        autoscaling = None
+        if min_replicas is not None or max_replicas is not None:
+            low = min_replicas if min_replicas is not None else 1
+            autoscaling = autoscaling_config(low, max_replicas if max_replicas is not None else max(low, replicas))
+        run(artifacts, host=host, port=port, address=ray_address, num_replicas=replicas, autoscaling=autoscaling,
+            num_cpus=replica_cpus, providers=providers, **options)
+        return
+    _need("fastapi")
+    _need("uvicorn")
+    import uvicorn
+
+    from .app import create_app
+
+    app = create_app(artifacts, providers=providers, **options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(timeout, 1.0))

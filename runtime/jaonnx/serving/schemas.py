@@ -1,0 +1,119 @@
+"""Request bodies, validated strictly (no "5" for 5, no unknown fields, finite numbers only),
+so that a bad request is a 4xx naming its field before any model work is queued.
+
+Bounds here are about the protocol (non-negative, within int64, sane sizes); the model's own
+limits (its positions, its vocabulary) are checked by the runtime and mapped to 400 as well.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INT64 = 2**63 - 1
+MAX_TOKENS = 1 << 20
+MAX_ITEMS = 256  # texts or prompts in one request
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
+
+
+Texts = str | list[str]
+
+
+class FillMaskRequest(_Strict):
+    model: str
+    inputs: Texts
+    top_k: int = Field(5, ge=1, le=INT64)
+
+
+class GenerateRequest(_Strict):
+    """`/v1/generate`: the Python API's options; unset ones take the model card's defaults."""
+
+    model: str
+    prompt: Texts
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    min_new_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=INT64)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
+    num_return_sequences: int | None = Field(None, ge=1, le=64)
+    seed: int | None = Field(None, ge=0, le=INT64)
+    stop: str | list[str] | None = None
+    stream: bool = False
+
+
+class CompletionRequest(_Strict):
+    """OpenAI's `/v1/completions`. `temperature: 0` (or `top_p: 0`) means greedy; `top_k` and
+    `repetition_penalty` are extensions (off by default, as OpenAI has neither)."""
+
+    model: str
+    prompt: Texts
+    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
+    temperature: float | None = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(1.0, ge=0, le=1, allow_inf_nan=False)
+    n: int | None = Field(1, ge=1, le=64)
+    stream: bool | None = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=INT64)
+    echo: bool | None = False
+    user: str | None = None
+    best_of: int | None = Field(None, ge=1, le=64)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    stream_options: dict[str, bool] | None = None
+    top_k: int = Field(0, ge=0, le=INT64)
+    repetition_penalty: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, one-line message, and the request field at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.field, self.kind = status, message, field, kind
+
+
+def field_name(loc: tuple[Any, ...]) -> str:
+    """('inputs', 'list[str]', 3) -> 'inputs[3]'; () -> 'body'."""
+    if not loc:
+        return "body"
+    name = str(loc[0])
+    return name + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
+
+
+def parse(model: type[_Strict], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()  # for a union, the branch that got furthest (an item index) says most
+        first = max(errors, key=lambda e: sum(isinstance(part, int) for part in e["loc"]))
+        field = field_name(tuple(first["loc"]))
+        raise RequestError(422, f"{field}: {first['msg']}", field) from None
+
+
+def texts(value: Texts, field: str, limit: int = MAX_ITEMS) -> tuple[list[str], bool]:
+    """A str or a non-empty list of str -> (list, whether a single str was given)."""
+    if isinstance(value, str):
+        return [value], True
+    if not value:
+        raise RequestError(422, f"{field} is an empty list: give at least one text", field)
+    if len(value) > limit:
+        raise RequestError(413, f"{field} has {len(value)} items; at most {limit} per request", field)
+    return list(value), False
+
+
+def stops(value: str | list[str] | None) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else list(value or [])
+    if len(items) > 4:
+        raise RequestError(422, "stop takes at most 4 sequences", "stop")
+    if any(not s for s in items):
+        raise RequestError(422, "stop sequences must be non-empty strings", "stop")
+    return tuple(items)
