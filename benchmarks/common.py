@@ -70,7 +70,7 @@ def run_worker(kind: str, args: dict[str, Any], threads: int, python: str | None
     """Run `benchmarks.worker` in a fresh process; returns its JSON plus wall time and peak RSS."""
     env = dict(os.environ, JAONNX_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    start = time.perf_counter()
+    start, epoch = time.perf_counter(), time.time()
     proc = subprocess.Popen([python or sys.executable, "-m", "benchmarks.worker", kind, json.dumps(args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT.parent, text=True)
     try:
@@ -87,4 +87,6 @@ def run_worker(kind: str, args: dict[str, Any], threads: int, python: str | None
         return {"error": f"{kind} exited {proc.returncode}: {tail}", "wall_s": wall}
     result = json.loads(lines[-1])
     result["wall_s"] = wall
+    if "result_at" in result:
+        result["cold_start_s"] = result.pop("result_at") - epoch
     return result

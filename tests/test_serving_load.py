@@ -5,6 +5,7 @@ minute-long run with throughput figures is `benchmarks/serving_load.py`; this is
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ def load_benchmark() -> Any:
     spec = importlib.util.spec_from_file_location("serving_load", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -41,3 +43,11 @@ def test_32_clients_mixed_load_matches_solo_answers(artifacts: dict[str, Path]) 
     assert report.mismatches == 0, report.examples
     assert report.ok == report.requests
     assert max(s.max_batch_seen for s in stats.values()) > 1  # the load was really batched
+
+
+def test_the_load_check_can_tell_answers_apart() -> None:
+    bench = load_benchmark()
+    assert bench.same([[5, "東京", 0.25]], [[5, "東京", 0.25 + 1e-6]])
+    assert not bench.same([[5, "東京", 0.25]], [[5, "東京", 0.26]])
+    assert not bench.same([[1, 2, 3]], [[1, 2, 4]])
+    assert not bench.same([[1, 2]], [[1, 2, 3]])

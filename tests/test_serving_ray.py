@@ -14,6 +14,7 @@ import pytest
 import jaonnx
 from serving_support import free_port, same_predictions
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'ray[serve]')")
 
 
@@ -21,16 +22,14 @@ ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install
 def ray_url(artifacts: dict[str, Path]) -> Any:
     from ray import serve
 
-    from jaonnx.serving.ray_serve import build
+    from jaonnx.serving.ray_serve import run
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024**2, log_to_driver=False,
              configure_logging=False)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build([artifacts["ken11-albert"], artifacts["gpt2-small-ja"]], num_replicas=2, num_cpus=0.5,
-                    max_batch_size=8)
-        serve.run(app, name="jaonnx", route_prefix="/")
+        run([artifacts["ken11-albert"], artifacts["gpt2-small-ja"]], host="127.0.0.1", port=port, blocking=False,
+            num_replicas=2, num_cpus=0.5, max_batch_size=8)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()

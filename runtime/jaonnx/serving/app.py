@@ -42,6 +42,8 @@ class ServeConfig:
     request_timeout: float = 120.0  # seconds, queueing included
     max_body_bytes: int = 1 << 20
     retry_after: int = 1  # seconds, sent with 503
+    threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
+    spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
 
 
 @dataclass
@@ -66,7 +68,7 @@ def load_models(artifact_dirs: Sequence[str | Path], config: ServeConfig, provid
         name = directory.name
         if name in served:
             raise JaonnxError(f"two artifacts are named {name!r}: model names are directory names, rename one")
-        model = load(directory, providers=providers)
+        model = load(directory, providers=providers, intra_op_threads=config.threads, spinning=config.spinning)
         worker: Worker
         if model.task == "fill-mask":
             worker = FillMaskWorker(name, model, config.max_queue, config.max_batch_size, config.max_wait_ms / 1000)

@@ -28,6 +28,8 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds, queueing included.")] = 120.0,
     max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
     providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per model (default: physical cores).")] = None,
+    spin: Annotated[bool, typer.Option("--spin/--no-spin", help="Let idle ORT threads busy-wait (faster alone, worse when models share cores).")] = False,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of one uvicorn process.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (e.g. auto); default: start one.")] = None,
@@ -41,7 +43,7 @@ def serve(
         if not (path / "jaonnx.json").is_file():
             raise JaonnxError(f"{path} is not a jaonnx artifact (no jaonnx.json): export one with `jaonnx export`")
     options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                   request_timeout=timeout, max_body_bytes=max_body_bytes)
+                   request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
     if ray:
         _need("ray", "serve,ray")
         from .ray_serve import autoscaling_config, run
