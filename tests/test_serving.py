@@ -126,6 +126,10 @@ def test_openai_client_completions(server: Any, models: dict[str, Any]) -> None:
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    with_usage = list(client.completions.create(model="rinna-gpt-1b", prompt=PROMPTS[2], max_tokens=10, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}, stop=[want[3:5]]))
+    assert "".join(c.choices[0].text for c in with_usage if c.choices) == want[: want.index(want[3:5])]
+    assert with_usage[-1].usage is not None and with_usage[-1].usage.completion_tokens > 0
     echoed = client.completions.create(model="rinna-gpt-1b", prompt=PROMPTS[2], max_tokens=10, temperature=0,
                                        echo=True)
     assert echoed.choices[0].text == PROMPTS[2] + want
@@ -202,6 +206,13 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": [1, 2, 3]}, 422, "prompt[0]"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "stream": True, "max_tokens": 9999},
      400, "max_tokens"),
+    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "n": 9, "max_tokens": 2}, 413, "n"),
+    ("/v1/generate", {"model": "gpt2-small-ja", "prompt": ["東京"] * 9, "max_new_tokens": 2, "do_sample": False},
+     413, "prompt"),
+    ("/v1/generate", {"model": "gpt2-small-ja", "prompt": ["東京"] * 3, "max_new_tokens": 2, "do_sample": True,
+                      "num_return_sequences": 3}, 413, "num_return_sequences"),
+    ("/v1/fill-mask", {"model": "rinna-roberta", "inputs": "a[MASK]", "top_k": 101}, 422, "top_k"),
+    ("/v1/fill-mask", {"model": "rinna-roberta", "inputs": ["[MASK]" * 20] * 3, "top_k": 100}, 413, "top_k"),
 ]
 
 

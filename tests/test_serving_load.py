@@ -34,7 +34,7 @@ def test_32_clients_mixed_load_matches_solo_answers(artifacts: dict[str, Path]) 
         requests = bench.mixed_requests(models, max_new_tokens=8)
         assert {p for p, _ in requests} == {"/v1/fill-mask", "/v1/generate", "/v1/completions"}
         expected = bench.solo_answers(url, requests)
-        report = bench.run_load(url, requests, clients=32, duration_s=12, max_requests=160, expected=expected)
+        report = bench.run_load(url, requests, clients=32, duration_s=10, max_requests=480, expected=expected)
         stats = {name: m.worker.stats for name, m in app.state.served.items()}
     print(f"\nload: {report.requests} requests in {report.seconds:.1f} s, p50 {report.p50_ms:.0f} ms, "
           f"p99 {report.p99_ms:.0f} ms, {report.tokens_per_s:.0f} generated tokens/s, statuses {report.statuses}")

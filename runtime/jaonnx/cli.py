@@ -250,6 +250,16 @@ def demo(
             sys.stdout.write("\n")
 
 
+def _register_serve() -> None:
+    """`jaonnx serve` lives in serving/; its heavy imports happen inside the command."""
+    from .serving.command import serve
+
+    app.command()(serve)
+
+
+_register_serve()
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:

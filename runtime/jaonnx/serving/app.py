@@ -26,6 +26,7 @@ from .schemas import (
     FillMaskRequest,
     GenerateRequest,
     RequestError,
+    MAX_PREDICTIONS,
     parse,
     stops,
     texts,
@@ -173,7 +174,7 @@ def create_app(
         req = parse(FillMaskRequest, await read_json(request, config.max_body_bytes))
         m = lookup(served, req.model, "fill-mask")
         items, single = texts(req.inputs, "inputs")
-        await asyncio.to_thread(check_masked, m.model, items, single)
+        await asyncio.to_thread(check_masked, m.model, items, single, req.top_k)
         results = await run(request, m, FillMaskJob(sink=_nowhere, texts=items, top_k=req.top_k), config)
         return {"model": m.name, "results": results[0] if single else results}
 
@@ -184,6 +185,7 @@ def create_app(
         prompts, _ = texts(req.prompt, "prompt")
         options = req.model_dump(exclude_unset=True, exclude={"model", "prompt", "stream", "stop"})
         job = await asyncio.to_thread(prepare, m.model, prompts, options, {}, "prompt")
+        check_rows(len(job.prompt_ids_rows), job.settings.num_return_sequences, config, "num_return_sequences")
         job.stream, job.stop = req.stream, stops(req.stop)
         if not req.stream:
             results = await run(request, m, job, config)
@@ -207,6 +209,7 @@ def create_app(
         rows = [p for p in prompts for _ in range(n)] if greedy else prompts  # greedy copies are identical
         aliases = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
         job = await asyncio.to_thread(prepare, m.model, rows, options, aliases, "prompt")
+        check_rows(len(job.prompt_ids_rows), n, config, "n")
         job.stream, job.stop = bool(req.stream), stops(req.stop)
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": m.name}
         echo = bool(req.echo)
@@ -276,12 +279,16 @@ def lookup(served: dict[str, ServedModel], name: str, task: str) -> ServedModel:
     return m
 
 
-def check_masked(model: Any, items: list[str], single: bool) -> None:
+def check_masked(model: Any, items: list[str], single: bool, top_k: int) -> None:
+    masks = 0
     for i, text in enumerate(items):
         try:
-            model.encode(text)
+            masks += len(model.encode(text)["mask_positions"])
         except JaonnxError as exc:
             raise RequestError(400, one_line(exc), "inputs" if single else f"inputs[{i}]") from None
+    if masks * top_k > MAX_PREDICTIONS:
+        raise RequestError(413, f"{masks} masks x top_k {top_k} = {masks * top_k} predictions; at most "
+                                f"{MAX_PREDICTIONS} per request: lower top_k or split the request", "top_k")
 
 
 def prepare(model: Any, prompts: list[str], options: dict[str, Any], aliases: dict[str, str], field: str) -> GenerationJob:
@@ -308,6 +315,14 @@ def prepare(model: Any, prompts: list[str], options: dict[str, Any], aliases: di
             400, f"prompt ({longest} tokens) + {name} ({settings.max_new_tokens}) exceeds the model's {limit} "
                  f"positions: lower {name} to {limit - longest} or less", name)
     return GenerationJob(sink=_nowhere, prompts=prompts, prompt_ids=ids, settings=settings)
+
+
+def check_rows(rows: int, n: int, config: ServeConfig, n_field: str) -> None:
+    """One request may fill the batch but not exceed it: that bounds the memory of a request."""
+    if rows > config.max_batch_size:
+        raise RequestError(413, f"{rows} sequences (prompts x {n_field}); this server runs at most "
+                                f"{config.max_batch_size} per request: split the request",
+                           n_field if n > 1 else "prompt")
 
 
 def openai_unsupported(req: CompletionRequest) -> None:
@@ -403,6 +418,8 @@ def sse(request: Any, m: ServedModel, job: GenerationJob, config: ServeConfig, m
                     return
         except ClientGone:
             return
+        except Exception as exc:  # a bug: end the stream with an error event, not a torn connection
+            yield data_line(error_body(f"internal error: {type(exc).__name__}", None, "server_error", 500))
         finally:
             job.cancel()
 
@@ -463,8 +480,9 @@ def completion_events(meta: dict[str, Any], echo: bool, include_usage: bool, n: 
     def make(kind: str, payload: Any) -> list[Any]:
         if kind == "start":
             job: GenerationJob = payload
-            n = len(job.prompt_ids_rows) // max(1, len(job.prompts))
-            return [chunk([choice(i, job.prompts[i // n])]) for i in range(len(job.prompt_ids_rows))] if echo else []
+            per_prompt = len(job.prompt_ids_rows) // max(1, len(job.prompts))
+            rows = range(len(job.prompt_ids_rows))
+            return [chunk([choice(i, job.prompts[i // per_prompt])]) for i in rows] if echo else []
         if kind == "piece":
             row, text = payload
             return [chunk([choice(row, text)])]

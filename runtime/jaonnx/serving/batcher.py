@@ -191,7 +191,7 @@ class FillMaskWorker(Worker):
         for top_k, jobs in by_top_k.items():
             texts = [t for job in jobs for t in job.texts]
             try:
-                results = self.model(texts, top_k=top_k, batch_size=max(len(texts), 1))
+                results = self.model(texts, top_k=top_k, batch_size=self.max_batch)
             except Exception as exc:
                 for job in jobs:
                     self.stats.failed += 1

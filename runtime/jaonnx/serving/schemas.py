@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 INT64 = 2**63 - 1
 MAX_TOKENS = 1 << 20
 MAX_ITEMS = 256  # texts or prompts in one request
+MAX_TOP_K = 100  # fill-mask predictions per mask
+MAX_PREDICTIONS = 5000  # texts x masks x top_k in one fill-mask request: each is a decoded sequence
 
 
 class _Strict(BaseModel):
@@ -26,7 +28,7 @@ Texts = str | list[str]
 class FillMaskRequest(_Strict):
     model: str
     inputs: Texts
-    top_k: int = Field(5, ge=1, le=INT64)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
 
 
 class GenerateRequest(_Strict):
