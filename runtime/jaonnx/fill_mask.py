@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 
-from .artifact import Manifest
 from .errors import JaonnxError
-from .session import Providers, create_session
-from .tokenization import RecipeTokenizer
+from .model import ArtifactModel
 
 
 class Prediction(TypedDict):
@@ -34,20 +31,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-class FillMask:
+class FillMask(ArtifactModel):
     """`fm("大学で[MASK]の研究をしています")` -> top-k predictions per mask."""
 
     task = "fill-mask"
-
-    def __init__(self, directory: Path, manifest: Manifest, providers: Providers = "auto", **session_options: Any):
-        self.directory = Path(directory)
-        self.manifest = manifest
-        self.recipe = manifest.recipe_obj
-        self.tokenizer = RecipeTokenizer.from_file(
-            self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
-        )
-        self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
-        self.pad_id = manifest.special_ids.get("pad", 0)
 
     @property
     def mask_token(self) -> str:

@@ -12,8 +12,8 @@ import numpy as np
 from ..artifact import Manifest
 from ..errors import JaonnxError
 from ..recipes import GenerationDefaults
-from ..session import Providers, create_session
-from ..tokenization import RecipeTokenizer
+from ..model import ArtifactModel
+from ..session import Providers
 from .decoder import DecoderSession
 from .sampling import SamplingSettings, next_tokens
 from .streaming import StreamDecoder, continuation_text
@@ -62,22 +62,15 @@ class _Run:
         return cls([[] for _ in range(rows)], ["length"] * rows)
 
 
-class TextGenerator:
+class TextGenerator(ArtifactModel):
     """`gen.generate("近年の機械学習は", max_new_tokens=32)`; `gen.stream(...)`; `gen.score(...)`."""
 
     task = "text-generation"
 
     def __init__(self, directory: Path, manifest: Manifest, providers: Providers = "auto", **session_options: Any):
-        self.directory = Path(directory)
-        self.manifest = manifest
-        self.recipe = manifest.recipe_obj
+        super().__init__(directory, manifest, providers, **session_options)
         self.defaults: GenerationDefaults = self.recipe.generation
-        self.tokenizer = RecipeTokenizer.from_file(
-            self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
-        )
-        self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
         self.decoder = DecoderSession(self.session, manifest)
-        self.pad_id = manifest.special_ids.get("pad", 0)
         self.eos_id = manifest.special_ids.get("eos")
 
     # ---- settings -------------------------------------------------------------------------
