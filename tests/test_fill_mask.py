@@ -181,10 +181,12 @@ def test_plain_onnxruntime_without_positions_still_counts_from_zero(artifacts, t
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(artifacts["rinna-roberta"] / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert sorted(i.name for i in session.get_inputs()) == ["attention_mask", "input_ids"]
+    # positions are not an input at all: only the tokens, the mask and which logits to return
+    assert sorted(i.name for i in session.get_inputs()) == ["attention_mask", "input_ids", "mask_positions"]
     fm = jaonnx.load(artifacts["rinna-roberta"])
     ids = np.array([fm.encode("4年に1度[MASK]は開かれる。")["input_ids"]])
-    (logits,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    every = np.arange(ids.shape[1])[None]
+    (logits,) = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids), "mask_positions": every})
     model = hf_model(twins_dir / "rinna-roberta")
     with torch.no_grad():
         from_zero = model(torch.from_numpy(ids), position_ids=torch.arange(ids.shape[1])[None]).logits.numpy()

@@ -20,22 +20,24 @@ from .wrappers import CausalLMWithPast, MaskedLMWithPositions
 
 @dataclass(frozen=True)
 class MaskedLMAdapter:
+    head: str = "lm_head"  # the MLM head module of the transformers class
     task: str = "fill-mask"
     position_margin: int = 0  # rows of the position table the model never uses
 
     def wrap(self, model: nn.Module, recipe: Recipe) -> nn.Module:
-        return MaskedLMWithPositions(model, recipe.position_start, recipe.token_type_ids).eval()
+        return MaskedLMWithPositions(model, self.head, recipe.position_start, recipe.token_type_ids).eval()
 
     def names(self, config: Any) -> tuple[list[str], list[str]]:
-        return ["input_ids", "attention_mask"], ["logits"]
+        return ["input_ids", "attention_mask", "mask_positions"], ["logits"]
 
     def dynamic_axes(self, config: Any) -> dict[str, dict[int, str]]:
         axes = {0: "batch", 1: "sequence"}
-        return {"input_ids": axes, "attention_mask": axes, "logits": axes}
+        masks = {0: "batch", 1: "masks"}
+        return {"input_ids": axes, "attention_mask": axes, "mask_positions": masks, "logits": masks}
 
     def example_inputs(self, config: Any) -> tuple[torch.Tensor, ...]:
         ids = torch.full((2, 8), 5, dtype=torch.long)
-        return ids, torch.ones_like(ids)
+        return ids, torch.ones_like(ids), torch.tensor([[1, 3], [2, 0]])
 
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings) - self.position_margin
@@ -98,8 +100,8 @@ Adapter = MaskedLMAdapter | CausalLMAdapter
 ARCHITECTURES: dict[str, Adapter] = {
     # RoBERTa reserves rows 0..padding_idx of its table for transformers' offset scheme; with
     # positions from 0 the usable length is still max_position_embeddings - 2 (512).
-    "RobertaForMaskedLM": MaskedLMAdapter(position_margin=2),
-    "BertForMaskedLM": MaskedLMAdapter(),
-    "AlbertForMaskedLM": MaskedLMAdapter(),
+    "RobertaForMaskedLM": MaskedLMAdapter(head="lm_head", position_margin=2),
+    "BertForMaskedLM": MaskedLMAdapter(head="cls"),
+    "AlbertForMaskedLM": MaskedLMAdapter(head="predictions"),
     "GPT2LMHeadModel": CausalLMAdapter(),
 }

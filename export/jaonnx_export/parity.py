@@ -42,6 +42,12 @@ def masked_batch(tokenizer: RecipeTokenizer, texts: list[str]) -> tuple[np.ndarr
     return input_ids, mask
 
 
+def mlm_feed(input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph inputs asking for logits at every position (what parity and quality compare)."""
+    every = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
+    return {"input_ids": input_ids, "attention_mask": mask, "mask_positions": every}
+
+
 def torch_masked_lm(model: Any, recipe: Any, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The card's way: explicit positions from `position_start`, segment ids 0."""
     import torch
@@ -56,7 +62,7 @@ def torch_masked_lm(model: Any, recipe: Any, input_ids: np.ndarray, mask: np.nda
 
 def _fill_mask_parity(model: Any, session: Any, tokenizer: RecipeTokenizer, texts: list[str]) -> dict:
     input_ids, mask = masked_batch(tokenizer, texts)
-    (logits,) = session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
+    (logits,) = session.run(["logits"], mlm_feed(input_ids, mask))
     reference = torch_masked_lm(model, tokenizer.recipe, input_ids, mask)
     real = mask.astype(bool)
     diff = float(np.abs(logits - reference)[real].max())

@@ -206,7 +206,8 @@ def _feed(manifest: Manifest, session: Any, batch: int = 1, seq: int = 64) -> di
     """Synthetic inputs of a realistic shape for timing one graph against another."""
     rng = np.random.default_rng(0)
     ids = rng.integers(5, min(manifest.vocab_size, 3000), (batch, seq), dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
+    feed = {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64),
+            "mask_positions": np.full((batch, 1), seq // 2, dtype=np.int64)}  # one [MASK] per text
     if manifest.task == "text-generation":
         shape = manifest.decoder
         past = 64
@@ -269,13 +270,13 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
     token masked; causal LM on each full sentence (every position)."""
     import torch
 
-    from .parity import masked_batch, torch_masked_lm
+    from .parity import masked_batch, mlm_feed, torch_masked_lm
 
     ref = Reference(manifest.task)
     if manifest.task == "fill-mask":
         for start in range(0, len(texts), batch_size):
             ids, mask = masked_batch(tokenizer, texts[start : start + batch_size])
-            ref.feeds.append({"input_ids": ids, "attention_mask": mask})
+            ref.feeds.append(mlm_feed(ids, mask))
             ref.logits.append(torch_masked_lm(model, tokenizer.recipe, ids, mask))
             ref.positions.append(mask.astype(bool))
             ref.masks.append(ids == tokenizer.mask_id)

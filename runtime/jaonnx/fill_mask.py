@@ -66,17 +66,26 @@ class FillMask(ArtifactModel):
         }
         if self.recipe.token_type_ids:
             encoding["token_type_ids"] = [0] * n
-        encoding["mask_positions"] = [i for i, t in enumerate(ids) if t == self.tokenizer.mask_id]
+        encoding["mask_positions"] = self._mask_positions(ids)
         return encoding
 
+    def _mask_positions(self, ids: list[int]) -> list[int]:
+        return [p for p, t in enumerate(ids) if t == self.tokenizer.mask_id]
+
     def _run(self, rows: list[list[int]]) -> np.ndarray:
+        """Right-padded batch -> logits [rows, masks, vocab] at each row's mask positions
+        (rows with fewer masks repeat position 0, whose logits are ignored)."""
         width = max(map(len, rows))
+        masks = [self._mask_positions(row) for row in rows]
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
+        attention = np.zeros((len(rows), width), dtype=np.int64)
+        positions = np.zeros((len(rows), max(map(len, masks))), dtype=np.int64)
         for i, row in enumerate(rows):
             input_ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
-        (logits,) = self.session.run(["logits"], {"input_ids": input_ids, "attention_mask": mask})
+            attention[i, : len(row)] = 1
+            positions[i, : len(masks[i])] = masks[i]
+        feed = {"input_ids": input_ids, "attention_mask": attention, "mask_positions": positions}
+        (logits,) = self.session.run(["logits"], feed)
         return logits
 
     def _predictions(self, ids: list[int], position: int, logits: np.ndarray, top_k: int) -> list[Prediction]:
@@ -117,9 +126,7 @@ class FillMask(ArtifactModel):
             logits = self._run(chunk)
             for i, ids in enumerate(chunk):
                 per_mask = [
-                    self._predictions(ids, p, logits[i, p], top_k)
-                    for p, t in enumerate(ids)
-                    if t == self.tokenizer.mask_id
+                    self._predictions(ids, p, logits[i, k], top_k) for k, p in enumerate(self._mask_positions(ids))
                 ]
                 results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
         return results[0] if single else results
