@@ -15,7 +15,7 @@ from torch import nn
 from jaonnx.artifact import DecoderShape
 from jaonnx.recipes import Recipe
 
-from .wrappers import CausalLMWithPast, MaskedLMWithPositions
+from .wrappers import CausalLMWithPast, MaskedLMWithPositions, conv1d_as_linear
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class CausalLMAdapter:
     task: str = "text-generation"
 
     def wrap(self, model: nn.Module, recipe: Recipe) -> nn.Module:
-        return CausalLMWithPast(model, self.decoder_shape(model.config).num_layers).eval()
+        traced = conv1d_as_linear(model)  # a copy: parity compares against the untouched model
+        return CausalLMWithPast(traced, self.decoder_shape(model.config).num_layers).eval()
 
     def names(self, config: Any) -> tuple[list[str], list[str]]:
         layers = range(self.decoder_shape(config).num_layers)

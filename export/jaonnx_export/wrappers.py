@@ -39,6 +39,30 @@ class MaskedLMWithPositions(nn.Module):
         return self.head(torch.gather(hidden, 1, index))
 
 
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose GPT-2 Conv1D layers are nn.Linear ones sharing the same tensors.
+
+    Conv1D reshapes through `x.size()` on every call, which the tracer records as a
+    Shape/Gather/Unsqueeze/Concat chain around each of the four projections of every layer
+    (half the nodes of the decoder graph); nn.Linear exports as a bare MatMul + Add. The
+    copy shares every parameter (the Linear weight is a transposed view), so a 1.3B model
+    costs no extra memory, and the original stays untouched for the parity check."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    clone = copy.deepcopy(model, memo=shared)
+    for parent in list(clone.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1], device="meta")
+                linear.weight = nn.Parameter(child.weight.t(), requires_grad=False)
+                linear.bias = child.bias
+                setattr(parent, name, linear)
+    return clone
+
+
 class CausalLMWithPast(nn.Module):
     """(input_ids, attention_mask, position_ids, logits_to_keep, *past) -> (logits, *present).
 
@@ -51,6 +75,21 @@ class CausalLMWithPast(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
+
+    @staticmethod
+    def additive_mask(attention_mask: torch.Tensor, new: torch.Tensor | int) -> torch.Tensor:
+        """The 4D causal + padding mask [batch, 1, new, total], built with a handful of ops.
+
+        transformers returns a 4D mask as-is; left to build it from the 2D mask, its masking
+        utilities trace into ~1000 Shape/Gather/Unsqueeze/Concat nodes that cost more per
+        decode step than the int8 matmuls save. Masked entries get the dtype's minimum, not
+        -inf, so a fully padded query row stays finite (as transformers does)."""
+        total = attention_mask.shape[1]
+        keys = torch.arange(total, device=attention_mask.device)
+        queries = keys[total - new :]
+        allowed = (keys[None, :] <= queries[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        zero = torch.zeros((), dtype=torch.float32)
+        return torch.where(allowed, zero, torch.full((), torch.finfo(torch.float32).min))
 
     def forward(
         self,
@@ -65,7 +104,7 @@ class CausalLMWithPast(nn.Module):
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
         out = self.model.transformer(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=self.additive_mask(attention_mask, input_ids.shape[1]),
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
