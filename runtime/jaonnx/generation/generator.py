@@ -52,6 +52,19 @@ class ScoreResult:
         return self.__dict__.copy()
 
 
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A prefill batch: ids left-padded with `pad_id`, the attention mask, and positions
+    counted from each row's first real token (pads get 1, as transformers' GPT-2 does)."""
+    rows, width = len(prompts), max(map(len, prompts))
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = p
+        mask[i, width - len(p) :] = 1
+    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+    return ids, mask, positions
+
+
 @dataclass
 class _Run:
     generated: list[list[int]]
@@ -138,14 +151,8 @@ class TextGenerator(ArtifactModel):
         """Left-padded batch decoding, one step per `yield` (the tokens of every row);
         generated ids and finish reasons accumulate in `run`."""
         rows = len(prompts)
-        width = max(map(len, prompts))
-        self._check_length(width, settings.max_new_tokens)
-        ids = np.full((rows, width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((rows, width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
-        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)  # as transformers' GPT-2
+        self._check_length(max(map(len, prompts)), settings.max_new_tokens)
+        ids, mask, positions = left_padded(prompts, self.pad_id)
         next_position = positions[:, -1] + 1
         rng = np.random.default_rng(settings.seed)
         history = [list(p) for p in prompts]

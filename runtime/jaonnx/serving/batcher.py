@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..generation.decoder import DecoderSession
+from ..generation.generator import left_padded
 from ..generation.sampling import SamplingSettings, next_tokens
 from ..generation.streaming import REPLACEMENT, continuation_text
 
@@ -295,13 +296,8 @@ class GenerationWorker(Worker):
         settings = job.settings
         assert settings is not None
         prompts = job.prompt_ids_rows
-        rows, width = len(prompts), max(map(len, prompts))
-        ids = np.full((rows, width), self._pad, dtype=np.int64)
-        mask = np.zeros((rows, width), dtype=np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
-        positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+        rows = len(prompts)
+        ids, mask, positions = left_padded(prompts, self._pad)
         main_past = self._decoder.past
         try:
             self._decoder.reset(rows)
