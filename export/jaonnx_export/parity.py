@@ -79,6 +79,18 @@ def empty_past(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
     }
 
 
+def prefill_feed(manifest: Manifest, ids: list[int]) -> dict[str, np.ndarray]:
+    """Decoder inputs for one prompt against an empty cache, with logits at every position."""
+    n = len(ids)
+    return {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "attention_mask": np.ones((1, n), dtype=np.int64),
+        "position_ids": np.arange(n, dtype=np.int64)[None],
+        "logits_to_keep": np.array([n], dtype=np.int64),
+        **empty_past(manifest, 1),
+    }
+
+
 def _generation_parity(model: Any, session: Any, manifest: Manifest, tokenizer: RecipeTokenizer, texts: list[str]) -> dict:
     """Prefill logits for the whole prompt, then DECODE_STEPS cached greedy steps."""
     import torch
@@ -87,14 +99,7 @@ def _generation_parity(model: Any, session: Any, manifest: Manifest, tokenizer: 
     present_names = [n for n in manifest.outputs if n.startswith("present.")]
     for text in texts:
         ids = tokenizer.encode_text(text)
-        n = len(ids)
-        feed = {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-            "logits_to_keep": np.array([n], dtype=np.int64),
-            **empty_past(manifest, 1),
-        }
+        feed = prefill_feed(manifest, ids)
         sequence = list(ids)
         for step in range(DECODE_STEPS + 1):
             logits, *present = session.run(None, feed)

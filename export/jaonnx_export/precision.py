@@ -270,7 +270,7 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
     token masked; causal LM on each full sentence (every position)."""
     import torch
 
-    from .parity import masked_batch, mlm_feed, torch_masked_lm
+    from .parity import masked_batch, mlm_feed, prefill_feed, torch_masked_lm
 
     ref = Reference(manifest.task)
     if manifest.task == "fill-mask":
@@ -281,7 +281,6 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
             ref.positions.append(mask.astype(bool))
             ref.masks.append(ids == tokenizer.mask_id)
         return ref
-    shape = manifest.decoder
     for text in texts:
         ids = tokenizer.encode_text(text)[: manifest.max_positions]
         n = len(ids)
@@ -289,14 +288,7 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
             continue
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits.numpy()
-        feed = {
-            "input_ids": np.array([ids], dtype=np.int64), "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None], "logits_to_keep": np.array([n], dtype=np.int64),
-        }
-        for i in range(shape.num_layers):
-            for kv in ("key", "value"):
-                feed[f"past_key_values.{i}.{kv}"] = np.zeros((1, shape.num_heads, 0, shape.head_dim), np.float32)
-        ref.feeds.append(feed)
+        ref.feeds.append(prefill_feed(manifest, ids))
         ref.logits.append(logits)
         ref.positions.append(np.ones((1, n), dtype=bool))
     return ref

@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import JaonnxError
 from .model import ArtifactModel
+from .numeric import softmax
 
 
 class Prediction(TypedDict):
@@ -23,12 +24,6 @@ class Encoding(TypedDict, total=False):
     position_ids: list[int]
     token_type_ids: list[int]
     mask_positions: list[int]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted, dtype=np.float64)
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 class FillMask(ArtifactModel):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import JaonnxError
+from ..numeric import softmax
 
 NEG_INF = np.float32(-np.inf)
 
@@ -100,16 +101,10 @@ def apply_top_p(logits: np.ndarray, top_p: float) -> None:
         return
     order = np.argsort(logits, axis=-1, kind="stable")  # ascending, as transformers
     sorted_logits = np.take_along_axis(logits, order, axis=-1)
-    probs = _softmax(sorted_logits)
+    probs = softmax(sorted_logits)
     remove = np.cumsum(probs, axis=-1) <= (1 - top_p)
     remove[:, -1] = False
     np.put_along_axis(logits, order, np.where(remove, NEG_INF, sorted_logits), axis=-1)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted.astype(np.float64))
-    return exp / exp.sum(axis=-1, keepdims=True)
 
 
 def next_tokens(
@@ -125,7 +120,7 @@ def next_tokens(
     logits /= np.float32(settings.temperature)
     apply_top_k(logits, settings.top_k)
     apply_top_p(logits, settings.top_p)
-    probs = _softmax(logits)
+    probs = softmax(logits)
     cdf = np.cumsum(probs, axis=-1)
     draws = rng.random(len(probs))[:, None] * cdf[:, -1:]
     return np.minimum((cdf < draws).sum(axis=-1), probs.shape[-1] - 1)
