@@ -64,25 +64,30 @@ def test_greedy_matches_transformers_left_padded_batch(gpt):
 
 
 def test_cached_step_logits_allclose(gpt):
+    """The engine's batch: prefill, 6 cached steps and a 3-token block, each allclose to
+    transformers' full-sequence logits; discarding the block's positions restores the cache."""
     _, gen, _, model = gpt
     ids = gen.encode(PROMPT)
-    n = len(ids)
-    gen.decoder.reset(1)
-    logits = gen.decoder.forward(np.array([ids]), np.ones((1, n), np.int64), np.arange(n)[None], keep=n)
+    batch = gen.new_batch()
     sequence = list(ids)
-    with torch.no_grad():
-        reference = model(torch.tensor([sequence])).logits.numpy()
-    np.testing.assert_allclose(logits, reference, atol=1e-4)
+    np.testing.assert_allclose(batch.logits(ids), hf_logits(model, sequence)[0], atol=1e-4)
+    logits = batch.add([ids], reserve=len(ids) + 10)
+    np.testing.assert_allclose(logits, hf_logits(model, sequence)[:, -1], atol=1e-4)
     for _ in range(6):
-        sequence.append(int(logits[0, -1].argmax()))
-        m = len(sequence)
-        logits = gen.decoder.forward(
-            np.array([[sequence[-1]]]), np.ones((1, m), np.int64), np.array([[m - 1]]), keep=1
-        )
-        with torch.no_grad():
-            reference = model(torch.tensor([sequence])).logits[:, -1:].numpy()
-        np.testing.assert_allclose(logits, reference, atol=1e-4)
-    assert gen.decoder.past_length == len(sequence)  # the cache grows with the tokens generated
+        sequence.append(int(logits[0].argmax()))
+        logits = batch.step(np.array([[sequence[-1]]]))[:, -1]
+        np.testing.assert_allclose(logits, hf_logits(model, sequence)[:, -1], atol=1e-4)
+    block = [int(logits[0].argmax()), 5, 9]
+    np.testing.assert_allclose(batch.step(np.array([block]))[0], hf_logits(model, sequence + block)[0, -3:], atol=1e-4)
+    batch.discard(2)  # keep only the first token of the block
+    sequence.append(block[0])
+    after = batch.step(np.array([[7]]))[:, -1]
+    np.testing.assert_allclose(after, hf_logits(model, sequence + [7])[:, -1], atol=1e-4)
+
+
+def hf_logits(model, sequence: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([sequence])).logits.numpy()
 
 
 def test_decoded_text_is_exact(gpt):

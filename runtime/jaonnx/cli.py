@@ -3,6 +3,7 @@ so the runtime commands never load torch or transformers."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -146,34 +147,35 @@ def _load_generator(artifact: Path, providers: str) -> Any:
     return model
 
 
-@app.command()
+CLI_FLAGS = {"max_new_tokens": ("--max-new-tokens", "-n"), "do_sample": ("--sample/--greedy",)}
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    """`jaonnx generate`'s options, one per row of GENERATION_OPTIONS that the CLI offers."""
+    from .generation.options import GENERATION_OPTIONS
+
+    params = []
+    for option in GENERATION_OPTIONS:
+        if not option.cli:
+            continue
+        flags = CLI_FLAGS.get(option.name, ("--" + option.name.replace("_", "-"),))
+        help_text = option.help if option.name != "do_sample" else "Sample, or decode greedily (default: the card's)."
+        annotation = Annotated[Optional[option.type], typer.Option(*flags, help=help_text)]
+        params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
+    return params
+
+
 def generate(
-    artifact: Annotated[Path, typer.Argument(help="Generation artifact directory.")],
-    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="Tokens to generate (default: the card's).")] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding instead of the card's sampling.")] = False,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (0 = greedy).")] = None,
-    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1].")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help="> 1 discourages repeats.")] = None,
-    num_return_sequences: Annotated[Optional[int], typer.Option("--num-return-sequences", help="Samples per prompt.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible sampling.")] = None,
-    stream: Annotated[bool, typer.Option("--stream", help="Print tokens as they are generated.")] = False,
-    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print prompt ids, generated ids and text as JSON.")] = False,
+    artifact: Path,
+    prompt: str,
+    stream: bool = False,
+    providers: str = "auto",
+    as_json: bool = False,
+    **options: Any,
 ) -> None:
     """Continue PROMPT with the model's card decoding settings (or the ones given)."""
     gen = _load_generator(artifact, providers)
-    options = {
-        k: v
-        for k, v in dict(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences, seed=seed,
-        ).items()
-        if v is not None
-    }
-    if greedy:
-        options["do_sample"] = False
+    options = {k: v for k, v in options.items() if v is not None}
     if stream and not as_json:
         sys.stdout.write(prompt)
         for piece in gen.stream(prompt, **options):
@@ -187,6 +189,34 @@ def generate(
         return
     for r in results:
         out.print(r.full_text, markup=False, highlight=False)
+
+
+def _register_generate() -> None:
+    """The signature typer reads is built from the options table, so a new option needs no edit here."""
+    fixed = [
+        inspect.Parameter("artifact", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[Path, typer.Argument(help="Generation artifact directory.")]),
+        inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          annotation=Annotated[str, typer.Argument(help="Text to continue.")]),
+        inspect.Parameter("stream", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--stream", help="Print tokens as they are generated.")]),
+        inspect.Parameter("providers", inspect.Parameter.KEYWORD_ONLY, default="auto",
+                          annotation=Annotated[str, typer.Option(help="auto | cpu | cuda")]),
+        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--json", help="Print prompt ids, generated ids and text as JSON.")]),
+    ]
+    params = fixed + _option_parameters()
+
+    def command(**kwargs: Any) -> None:
+        generate(**kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = generate.__doc__
+    app.command("generate")(command)
+
+
+_register_generate()
 
 
 @app.command()

@@ -1,6 +1,11 @@
-"""Generation: TextGenerator, sampling, the KV-cached decoder, streaming detokenization."""
+"""Generation: TextGenerator, the continuous-batching engine, options, sampling, streaming."""
 
+from .engine import GenerationEngine, RequestOutput, TokenLogprob
 from .generator import GenerationResult, ScoreResult, TextGenerator
+from .options import GENERATION_OPTIONS, Option, resolve_settings
 from .sampling import SamplingSettings
 
-__all__ = ["GenerationResult", "SamplingSettings", "ScoreResult", "TextGenerator"]
+__all__ = [
+    "GENERATION_OPTIONS", "GenerationEngine", "GenerationResult", "Option", "RequestOutput", "SamplingSettings",
+    "ScoreResult", "TextGenerator", "TokenLogprob", "resolve_settings",
+]

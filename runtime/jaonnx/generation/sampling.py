@@ -29,19 +29,24 @@ class SamplingSettings:
     eos_token_id: int | None = None
     num_return_sequences: int = 1
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop before any of these strings
+    prompt_lookup: int = 0  # greedy: draft up to this many tokens from the prompt's n-grams
+    logprobs: int | None = None  # return each generated token's log-probability and the top N
 
     def validate(self, vocab_size: int) -> SamplingSettings:
         def fail(name: str, rule: str, value: object) -> None:
-            raise JaonnxError(f"{name} must be {rule}, got {value!r}")
+            raise JaonnxError(f"{name} must be {rule}, got {value!r}", name)
 
         def is_int(value: object) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             fail("max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            fail("do_sample", "true or false", self.do_sample)
         if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             fail("min_new_tokens", "an integer >= 0", self.min_new_tokens)
-        if not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) or self.temperature < 0:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) or self.temperature < 0:
             fail("temperature", "a number >= 0", self.temperature)
         if not is_int(self.top_k) or self.top_k < 0:
             fail("top_k", "an integer >= 0 (0 turns it off)", self.top_k)
@@ -59,6 +64,16 @@ class SamplingSettings:
                 fail("bad_words_ids", f"non-empty lists of token ids in [0, {vocab_size})", list(seq))
         if self.eos_token_id is not None and not (is_int(self.eos_token_id) and 0 <= self.eos_token_id < vocab_size):
             fail("eos_token_id", f"a token id in [0, {vocab_size}) or None", self.eos_token_id)
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            fail("seed", "an integer >= 0 or None", self.seed)
+        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", "at most 4 non-empty strings", list(self.stop))
+        if not is_int(self.prompt_lookup) or self.prompt_lookup < 0:
+            fail("prompt_lookup", "an integer >= 0 (0 turns it off)", self.prompt_lookup)
+        if self.prompt_lookup and not self.greedy:
+            fail("prompt_lookup", "0 when sampling (it is exact for greedy decoding only)", self.prompt_lookup)
+        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            fail("logprobs", "an integer in [0, 20] or None", self.logprobs)
         return self
 
     @property

@@ -19,15 +19,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ..generation.decoder import DecoderSession
-from ..generation.generator import left_padded
-from ..generation.sampling import SamplingSettings, next_tokens
-from ..generation.streaming import REPLACEMENT, continuation_text
+from ..generation import SamplingSettings
 
 Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("error", exc) | ("cancelled", None)
 Sink = Callable[[Event], None]
@@ -57,19 +52,21 @@ class FillMaskJob(Job):
 
 @dataclass
 class GenerationJob(Job):
-    """Rows = prompts x num_return_sequences, all sharing `settings` and one RNG, exactly as
-    one `TextGenerator.generate` call would run them."""
+    """Rows = prompts x num_return_sequences, all with the same resolved `settings` (stop
+    strings included), exactly as one `TextGenerator.generate` call would run them."""
 
     prompts: list[str] = field(default_factory=list)
     prompt_ids: list[list[int]] = field(default_factory=list)
     settings: SamplingSettings | None = None
     stream: bool = False
-    stop: tuple[str, ...] = ()
 
     @property
-    def prompt_ids_rows(self) -> list[list[int]]:
-        n = self.settings.num_return_sequences if self.settings else 1
-        return [ids for ids in self.prompt_ids for _ in range(n)]
+    def n(self) -> int:
+        return self.settings.num_return_sequences if self.settings else 1
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompt_ids) * self.n
 
 
 @dataclass
@@ -213,239 +210,136 @@ class FillMaskWorker(Worker):
         self._in_hand = []
 
 
-@dataclass
-class _Active:
-    """A generation job in the running batch; its rows are contiguous in the batch."""
-
-    job: GenerationJob
-    settings: SamplingSettings
-    rng: np.random.Generator
-    history: list[list[int]]
-    generated: list[list[int]]
-    reasons: list[str]
-    done: np.ndarray
-    emitted: list[str]
-    logits: np.ndarray | None = None
-    step: int = 0
-
-    @property
-    def rows(self) -> int:
-        return len(self.history)
-
-
 class GenerationWorker(Worker):
-    """Continuous batching of generation requests, one decode step at a time.
+    """Continuous batching: the thread feeds jobs to a `GenerationEngine` and drains its
+    `step()` outputs into each job's sink. All decoding, the KV cache and per-request state
+    live in the engine; this class only queues, admits and routes.
 
-    The running batch keeps one KV cache (ONNX Runtime values, left-padded, masked) for all
-    rows. A new request is prefilled on its own, then its cache is merged in; finished rows
-    are sliced out, and all-padding columns on the left are trimmed. Every step, each job
-    picks its tokens with its own settings and RNG, so greedy results (and seeded sampling)
-    match what the request gives alone, up to floating-point noise from padding.
+    A job with several prompts is one engine request per prompt; its rows are prompt-major
+    (row = prompt * n + sequence). A job joins only when all its rows fit the batch, and the
+    job behind it waits (FIFO), so the bounded queue in front of the worker stays meaningful.
     """
 
     def __init__(self, name: str, model: Any, max_queue: int, max_batch: int = 16) -> None:
         self.max_batch = max(1, max_batch)
-        self.active: list[_Active] = []
+        self.engine = model.engine(max_batch_size=self.max_batch)
+        self._jobs: dict[str, tuple[GenerationJob, int]] = {}  # request id -> (job, its first row)
+        self._live: list[_Live] = []
         self._waiting: GenerationJob | None = None
-        self._decoder = DecoderSession(model.session, model.manifest)
-        self._pad = int(model.pad_id)
-        self._mask = np.zeros((0, 0), dtype=np.int64)
-        self._positions = np.zeros(0, dtype=np.int64)
-        self._last = np.zeros(0, dtype=np.int64)
         super().__init__(name, model, max_queue)
 
     def _busy(self) -> bool:
-        return bool(self.active) or self._waiting is not None or not self.queue.empty()
+        return bool(self._live) or self._waiting is not None or not self.queue.empty()
 
-    # ---- one scheduling round ----------------------------------------------------------------
     def _iterate(self) -> None:
         self._admit()
-        if not self.active:
+        self._drop_cancelled()
+        self.stats.active_rows = self.engine.num_running_rows
+        if not self.engine.has_unfinished_requests():
             return
-        self._sample()
-        self._retire()
-        if self.active:
-            self._decode()
+        before = self.engine.tokens_generated
+        outputs = self.engine.step()
+        self.stats.batches += 1
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
+        self.stats.tokens += self.engine.tokens_generated - before
+        for out in outputs:
+            job, first = self._jobs[out.request_id]
+            live = next(x for x in self._live if x.job is job)
+            live.take(first + out.index, out)
+        for live in [x for x in self._live if x.done]:
+            self._finish(live)
+        self.stats.active_rows = self.engine.num_running_rows
 
     def _admit(self) -> None:
-        rows = sum(a.rows for a in self.active)
         while True:
             job = self._waiting
             self._waiting = None
             if job is None:
-                job = self._take(0 if self.active else 0.1)  # type: ignore[assignment]
+                job = self._take(0 if self._live else 0.1)  # type: ignore[assignment]
             if job is None:
                 return
             if job.cancelled:
                 self.stats.cancelled += 1
                 _send(job, ("cancelled", None))
                 continue
-            need = len(job.prompt_ids) * job.settings.num_return_sequences  # type: ignore[union-attr]
-            if self.active and rows + need > self.max_batch:
+            rows = sum(live.rows for live in self._live)
+            if self._live and rows + job.rows > self.max_batch:
                 self._waiting = job  # joins when rows free up; FIFO order is kept
                 return
             try:
-                self._prefill(job)
+                ids = [self.engine.add_request(p, settings=job.settings) for p in job.prompt_ids]
             except Exception as exc:
                 self.stats.failed += 1
                 _send(job, ("error", exc))
                 continue
-            rows += need
+            n = job.n
+            for i, rid in enumerate(ids):
+                self._jobs[rid] = (job, i * n)
+            self._live.append(_Live(job, ids))
 
-    def _prefill(self, job: GenerationJob) -> None:
-        settings = job.settings
-        assert settings is not None
-        prompts = job.prompt_ids_rows
-        rows = len(prompts)
-        ids, mask, positions = left_padded(prompts, self._pad)
-        main_past = self._decoder.past
-        try:
-            self._decoder.reset(rows)
-            logits = self._decoder.forward(ids, mask, positions, keep=1)[:, -1]
-            job_past = self._decoder.past
-        finally:
-            self._decoder.past = main_past
-        self._merge(job_past, mask, positions[:, -1] + 1)
-        self.active.append(
-            _Active(
-                job=job, settings=settings, rng=np.random.default_rng(settings.seed),
-                history=[list(p) for p in prompts], generated=[[] for _ in prompts],
-                reasons=["length"] * rows, done=np.zeros(rows, dtype=bool), emitted=[""] * rows, logits=logits,
-            )
-        )
+    def _drop_cancelled(self) -> None:
+        for live in [x for x in self._live if x.job.cancelled]:
+            for rid in live.request_ids:
+                self.engine.abort_request(rid)
+            self._forget(live)
+            self.stats.cancelled += 1
+            _send(live.job, ("cancelled", None))
 
-    # ---- the KV cache: merge, slice, trim ------------------------------------------------------
-    def _merge(self, past: list[Any], mask: np.ndarray, next_positions: np.ndarray) -> None:
-        if not self.active:
-            self._decoder.past, self._mask, self._positions = past, mask, next_positions
-            self._last = np.full(len(mask), self._pad, dtype=np.int64)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        old = [_left_pad(v.numpy(), width) for v in self._decoder.past]
-        new = [_left_pad(v.numpy(), width) for v in past]
-        self._decoder.past = [self._value(np.concatenate([a, b])) for a, b in zip(old, new)]
-        self._mask = np.concatenate([_left_pad(self._mask, width, axis=1), _left_pad(mask, width, axis=1)])
-        self._positions = np.concatenate([self._positions, next_positions])
-        self._last = np.concatenate([self._last, np.full(len(mask), self._pad, dtype=np.int64)])
+    def _forget(self, live: _Live) -> None:
+        self._live.remove(live)
+        for rid in live.request_ids:
+            self._jobs.pop(rid, None)
 
-    def _value(self, array: np.ndarray) -> Any:
-        return self._decoder._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self._decoder.device, 0)
-
-    def _keep_rows(self, keep: np.ndarray) -> None:
-        mask = self._mask[keep]
-        used = np.flatnonzero(mask.any(axis=0))
-        start = int(used[0]) if len(used) else mask.shape[1]
-        self._mask = mask[:, start:]
-        self._positions, self._last = self._positions[keep], self._last[keep]
-        self._decoder.past = [self._value(v.numpy()[keep][:, :, start:]) for v in self._decoder.past]
-
-    # ---- sampling, finishing, decoding ------------------------------------------------------------
-    def _sample(self) -> None:
-        row = 0
-        for a in self.active:
-            span = slice(row, row + a.rows)
-            row += a.rows
-            if a.job.cancelled:
-                continue
-            s = a.settings
-            tokens = np.where(a.done, self._pad, next_tokens(a.logits, a.history, a.step, s, a.rng))
-            a.logits = None
-            for i in np.flatnonzero(~a.done):
-                token = int(tokens[i])
-                a.generated[i].append(token)
-                a.history[i].append(token)
-                self.stats.tokens += 1
-                if token == s.eos_token_id:
-                    a.done[i] = True
-                    a.reasons[i] = "eos"
-            self._last[span] = tokens
-            a.step += 1
-            if a.job.stop or a.job.stream:
-                self._texts(a, final=False)
-
-    def _texts(self, a: _Active, final: bool) -> list[str]:
-        """Each row's text so far, cut at a stop string; streams the part that is final."""
-        stop = a.job.stop
-        hold = max(map(len, stop), default=1) - 1
-        texts = []
-        for i, (prompt, gen) in enumerate(zip(a.job.prompt_ids_rows, a.generated)):
-            text = continuation_text(self.model._decode, prompt, gen)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                if not a.done[i]:
-                    a.done[i] = True
-                    a.reasons[i] = "stop"
-            texts.append(text)
-            if not a.job.stream:
-                continue
-            finished = final or bool(a.done[i])
-            ready = text if finished or cut >= 0 else text[: len(text) - hold] if hold else text
-            if not finished and ready.endswith(REPLACEMENT):
-                continue
-            if ready.startswith(a.emitted[i]) and len(ready) > len(a.emitted[i]):
-                _send(a.job, ("piece", (i, ready[len(a.emitted[i]) :])))
-                a.emitted[i] = ready
-        return texts
-
-    def _retire(self) -> None:
-        keep: list[int] = []
-        still: list[_Active] = []
-        row = 0
-        for a in self.active:
-            span = list(range(row, row + a.rows))
-            row += a.rows
-            if a.job.cancelled:
-                self.stats.cancelled += 1
-                _send(a.job, ("cancelled", None))
-            elif a.done.all() or a.step >= a.settings.max_new_tokens:
-                self._finish(a)
-            else:
-                keep.extend(span)
-                still.append(a)
-        if len(still) != len(self.active):
-            self.active = still
-            if still:
-                self._keep_rows(np.array(keep, dtype=np.int64))
-        self.stats.active_rows = sum(a.rows for a in self.active)
-
-    def _finish(self, a: _Active) -> None:
-        texts = self._texts(a, final=True)
-        rows = a.job.prompt_ids_rows
-        n = a.settings.num_return_sequences
-        results = [
-            {"prompt": a.job.prompts[i // n], "text": text, "prompt_ids": list(p), "generated_ids": g, "finish_reason": r}
-            for i, (text, p, g, r) in enumerate(zip(texts, rows, a.generated, a.reasons))
-        ]
+    def _finish(self, live: _Live) -> None:
+        self._forget(live)
         self.stats.completed += 1
-        _send(a.job, ("result", results))
-
-    def _decode(self) -> None:
-        rows = len(self._last)
-        self.stats.batches += 1
-        self.stats.max_batch_seen = max(self.stats.max_batch_seen, rows)
-        self._mask = np.concatenate([self._mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-        logits = self._decoder.forward(self._last[:, None], self._mask, self._positions[:, None], keep=1)[:, -1]
-        self._positions = self._positions + 1
-        row = 0
-        for a in self.active:
-            a.logits = logits[row : row + a.rows]
-            row += a.rows
+        _send(live.job, ("result", live.results()))
 
     def _fail_all(self, exc: Exception) -> None:
-        jobs = [a.job for a in self.active] + ([self._waiting] if self._waiting else [])
-        self.active, self._waiting = [], None
-        self._mask = np.zeros((0, 0), dtype=np.int64)
-        self._positions = self._last = np.zeros(0, dtype=np.int64)
+        jobs = [live.job for live in self._live] + ([self._waiting] if self._waiting else [])
+        for live in list(self._live):
+            for rid in live.request_ids:
+                self.engine.abort_request(rid)
+        self._live, self._jobs, self._waiting = [], {}, None
+        self.engine = self.model.engine(max_batch_size=self.max_batch)  # a clean batch after a bug
         for job in jobs:
             self.stats.failed += 1
             _send(job, ("error", exc))
 
 
-def _left_pad(array: np.ndarray, width: int, axis: int = 2) -> np.ndarray:
-    missing = width - array.shape[axis]
-    if missing <= 0:
-        return array
-    pad = [(0, 0)] * array.ndim
-    pad[axis] = (missing, 0)
-    return np.pad(array, pad)
+@dataclass
+class _Live:
+    """A job whose requests are in the engine, and what its rows have produced so far."""
+
+    job: GenerationJob
+    request_ids: list[str]
+    finals: dict[int, Any] = field(default_factory=dict)  # row -> final RequestOutput
+    logprobs: dict[int, list[Any]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.job.rows
+
+    @property
+    def done(self) -> bool:
+        return len(self.finals) == self.rows
+
+    def take(self, row: int, out: Any) -> None:
+        if out.logprobs is not None:
+            self.logprobs.setdefault(row, []).extend(out.logprobs)
+        if self.job.stream and out.new_text:
+            _send(self.job, ("piece", (row, out.new_text)))
+        if out.finished:
+            self.finals[row] = out
+
+    def results(self) -> list[dict[str, Any]]:
+        n = self.job.n
+        results = []
+        for row in range(self.rows):
+            out = self.finals[row]
+            result = {"prompt": self.job.prompts[row // n], "text": out.text, "prompt_ids": list(out.prompt_ids),
+                      "generated_ids": out.token_ids, "finish_reason": out.finish_reason}
+            if row in self.logprobs:
+                result["logprobs"] = [asdict(lp) for lp in self.logprobs[row]]
+            results.append(result)
+        return results

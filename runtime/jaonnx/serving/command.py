@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..artifact import read_manifest
 from ..errors import JaonnxError
 
 
@@ -40,8 +41,7 @@ def serve(
 ) -> None:
     """Serve ARTIFACTS over HTTP: /v1/fill-mask, /v1/generate and OpenAI's /v1/completions."""
     for path in artifacts:
-        if not (path / "jaonnx.json").is_file():
-            raise JaonnxError(f"{path} is not a jaonnx artifact (no jaonnx.json): export one with `jaonnx export`")
+        read_manifest(path)  # a one-line error for anything that is not a complete artifact
     options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                    request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
     if ray:

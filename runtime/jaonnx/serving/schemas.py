@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-INT64 = 2**63 - 1
-MAX_TOKENS = 1 << 20
+from ..generation.options import GENERATION_OPTIONS, INT64, MAX_STOPS, MAX_TOKENS, Option
 MAX_ITEMS = 256  # texts or prompts in one request
 MAX_TOP_K = 100  # fill-mask predictions per mask
 MAX_PREDICTIONS = 5000  # texts x masks x top_k in one fill-mask request: each is a decoded sequence
@@ -31,22 +30,27 @@ class FillMaskRequest(_Strict):
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
 
 
-class GenerateRequest(_Strict):
-    """`/v1/generate`: the Python API's options; unset ones take the model card's defaults."""
+def _field(option: Option) -> tuple[Any, Any]:
+    """(annotation, Field) for one generation option: optional, with the table's bounds."""
+    annotation: Any = option.type
+    extra: dict[str, Any] = {}
+    if option.type is float:
+        extra["allow_inf_nan"] = False
+    if option.name == "stop":
+        annotation = str | list[str]
+    return annotation | None, Field(None, ge=option.ge, gt=option.gt, le=option.le, description=option.help, **extra)
 
-    model: str
-    prompt: Texts
-    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
-    min_new_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS)
-    do_sample: bool | None = None
-    temperature: float | None = Field(None, ge=0, le=1e6, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0, le=INT64)
-    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    repetition_penalty: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
-    num_return_sequences: int | None = Field(None, ge=1, le=64)
-    seed: int | None = Field(None, ge=0, le=INT64)
-    stop: str | list[str] | None = None
-    stream: bool = False
+
+GenerateRequest = create_model(  # type: ignore[call-overload]
+    "GenerateRequest",
+    __base__=_Strict,
+    __doc__="`/v1/generate`: the Python API's options (GENERATION_OPTIONS); unset ones take the model card's defaults.",
+    model=(str, ...),
+    prompt=(Texts, ...),
+    stream=(bool, False),
+    **{o.name: _field(o) for o in GENERATION_OPTIONS if o.http},
+)
+EXTENSIONS = {o.name: o for o in GENERATION_OPTIONS if o.name in ("top_k", "repetition_penalty")}
 
 
 class CompletionRequest(_Strict):
@@ -71,8 +75,10 @@ class CompletionRequest(_Strict):
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None
     stream_options: dict[str, bool] | None = None
-    top_k: int = Field(0, ge=0, le=INT64)
-    repetition_penalty: float = Field(1.0, gt=0, le=1e6, allow_inf_nan=False)
+    top_k: int = Field(0, ge=EXTENSIONS["top_k"].ge, le=EXTENSIONS["top_k"].le)
+    repetition_penalty: float = Field(
+        1.0, gt=EXTENSIONS["repetition_penalty"].gt, le=EXTENSIONS["repetition_penalty"].le, allow_inf_nan=False
+    )
 
 
 class RequestError(Exception):
@@ -81,6 +87,11 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, field: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.field, self.kind = status, message, field, kind
+
+
+def error_body(message: str, field: str | None, kind: str, status: int) -> dict[str, Any]:
+    """OpenAI's error shape (`message`, `type`, `param`, `code`) plus `field`."""
+    return {"error": {"message": message, "type": kind, "field": field, "param": field, "code": status}}
 
 
 def field_name(loc: tuple[Any, ...]) -> str:
@@ -114,8 +125,8 @@ def texts(value: Texts, field: str, limit: int = MAX_ITEMS) -> tuple[list[str], 
 
 def stops(value: str | list[str] | None) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else list(value or [])
-    if len(items) > 4:
-        raise RequestError(422, "stop takes at most 4 sequences", "stop")
+    if len(items) > MAX_STOPS:
+        raise RequestError(422, f"stop takes at most {MAX_STOPS} sequences", "stop")
     if any(not s for s in items):
         raise RequestError(422, "stop sequences must be non-empty strings", "stop")
     return tuple(items)

@@ -1,0 +1,69 @@
+"""OpenAI's `/v1/completions`: request options in, response bodies and stream chunks out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .batcher import GenerationJob
+from .events import EventMaker
+from .schemas import CompletionRequest
+
+ALIASES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}  # runtime name -> OpenAI's
+
+
+def completion_options(req: CompletionRequest) -> tuple[dict[str, Any], bool]:
+    """The runtime's generation options for an OpenAI request, and whether it is greedy
+    (`temperature: 0` or `top_p: 0`; greedy copies are identical, so `n` rows are made by
+    repeating the prompt rather than by sampling)."""
+    greedy = req.temperature == 0 or req.top_p == 0
+    options: dict[str, Any] = {
+        "max_new_tokens": req.max_tokens or 16, "min_new_tokens": 0, "do_sample": not greedy,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": req.top_p or 1.0, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
+        "num_return_sequences": 1 if greedy else (req.n or 1), "seed": req.seed,
+    }
+    return options, greedy
+
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def completion_body(meta: dict[str, Any], results: list[dict[str, Any]], echo: bool, n: int) -> dict[str, Any]:
+    choices = [
+        {"text": (r["prompt"] if echo else "") + r["text"], "index": i, "logprobs": None,
+         "finish_reason": FINISH[r["finish_reason"]]}
+        for i, r in enumerate(results)
+    ]
+    return {"object": "text_completion", **meta, "choices": choices, "usage": usage(results, n)}
+
+
+def usage(results: list[dict[str, Any]], n: int) -> dict[str, int]:
+    """Token counts; each prompt counts once, however many choices (`n`) it has."""
+    prompt_tokens = sum(len(r["prompt_ids"]) for r in results[::n])
+    completion_tokens = sum(len(r["generated_ids"]) for r in results)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_events(meta: dict[str, Any], echo: bool, include_usage: bool, n: int) -> EventMaker:
+    def chunk(choices: list[Any], **extra: Any) -> dict[str, Any]:
+        return {"object": "text_completion", **meta, "choices": choices, **extra}
+
+    def choice(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        return {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+
+    def make(kind: str, payload: Any) -> list[Any]:
+        if kind == "start":
+            job: GenerationJob = payload
+            return [chunk([choice(i, job.prompts[i // job.n])]) for i in range(job.rows)] if echo else []
+        if kind == "piece":
+            row, text = payload
+            return [chunk([choice(row, text)])]
+        if kind == "result":
+            out = [chunk([choice(i, "", FINISH[r["finish_reason"]])]) for i, r in enumerate(payload)]
+            if include_usage:
+                out.append(chunk([], usage=usage(payload, n)))
+            return out
+        return []
+
+    return make
