@@ -43,6 +43,46 @@ class GenerationResult:
         return data
 
 
+class ResultCollector:
+    """Gathers the outputs of a group of requests (one per prompt, n sequences each) into
+    `GenerationResult`s, rows prompt-major (row = prompt * n + sequence index)."""
+
+    def __init__(self, prompts: Sequence[str], request_ids: Sequence[str], n: int) -> None:
+        self.prompts, self.n = list(prompts), n
+        self._first_row = {rid: i * n for i, rid in enumerate(request_ids)}
+        self._finals: dict[int, RequestOutput] = {}
+        self._logprobs: dict[int, list[TokenLogprob]] = {}
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._first_row)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._first_row
+
+    def take(self, out: RequestOutput) -> int:
+        """Record one output; returns its row."""
+        row = self._first_row[out.request_id] + out.index
+        if out.logprobs is not None:
+            self._logprobs.setdefault(row, []).extend(out.logprobs)
+        if out.finished:
+            self._finals[row] = out
+        return row
+
+    @property
+    def done(self) -> bool:
+        return len(self._finals) == len(self.prompts) * self.n
+
+    def results(self) -> list[GenerationResult]:
+        return [
+            GenerationResult(
+                self.prompts[row // self.n], out.text, list(out.prompt_ids), out.token_ids, str(out.finish_reason),
+                self._logprobs.get(row) if out.logprobs is not None else None,
+            )
+            for row, out in sorted(self._finals.items())
+        ]
+
+
 @dataclass
 class ScoreResult:
     text: str
@@ -130,24 +170,11 @@ class TextGenerator(ArtifactModel):
         settings = [self.settings(len(self.encode(t)), **options) for t in texts]  # every error before any work
         n = settings[0].num_return_sequences
         engine = self.engine(max_batch_size=max(1, n * len(texts)))
-        ids = [engine.add_request(t, **options) for t in texts]
-        finals: dict[tuple[str, int], RequestOutput] = {}
-        logprobs: dict[tuple[str, int], list[TokenLogprob]] = {}
+        collector = ResultCollector(texts, [engine.add_request(t, **options) for t in texts], n)
         while engine.has_unfinished_requests():
             for out in engine.step():
-                key = (out.request_id, out.index)
-                logprobs.setdefault(key, []).extend(out.logprobs or [])
-                if out.finished:
-                    finals[key] = out
-        results = [
-            GenerationResult(
-                text, out.text, out.prompt_ids, out.token_ids, str(out.finish_reason),
-                logprobs[key] if settings[0].logprobs is not None else None,
-            )
-            for rid, text in zip(ids, texts)
-            for key in [(rid, j) for j in range(n)]
-            for out in [finals[key]]
-        ]
+                collector.take(out)
+        results = collector.results()
         if return_ids:
             return results[0] if single and n == 1 else results
         out_texts = [r.text for r in results]

@@ -19,10 +19,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import SamplingSettings
+from ..generation import ResultCollector, SamplingSettings
 
 Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("error", exc) | ("cancelled", None)
 Sink = Callable[[Event], None]
@@ -223,7 +223,6 @@ class GenerationWorker(Worker):
     def __init__(self, name: str, model: Any, max_queue: int, max_batch: int = 16) -> None:
         self.max_batch = max(1, max_batch)
         self.engine = model.engine(max_batch_size=self.max_batch)
-        self._jobs: dict[str, tuple[GenerationJob, int]] = {}  # request id -> (job, its first row)
         self._live: list[_Live] = []
         self._waiting: GenerationJob | None = None
         super().__init__(name, model, max_queue)
@@ -243,10 +242,8 @@ class GenerationWorker(Worker):
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
         self.stats.tokens += self.engine.tokens_generated - before
         for out in outputs:
-            job, first = self._jobs[out.request_id]
-            live = next(x for x in self._live if x.job is job)
-            live.take(first + out.index, out)
-        for live in [x for x in self._live if x.done]:
+            next(x for x in self._live if out.request_id in x.collector).take(out)
+        for live in [x for x in self._live if x.collector.done]:
             self._finish(live)
         self.stats.active_rows = self.engine.num_running_rows
 
@@ -272,35 +269,29 @@ class GenerationWorker(Worker):
                 self.stats.failed += 1
                 _send(job, ("error", exc))
                 continue
-            n = job.n
-            for i, rid in enumerate(ids):
-                self._jobs[rid] = (job, i * n)
-            self._live.append(_Live(job, ids))
+            self._live.append(_Live(job, ResultCollector(job.prompts, ids, job.n)))
 
     def _drop_cancelled(self) -> None:
         for live in [x for x in self._live if x.job.cancelled]:
-            for rid in live.request_ids:
-                self.engine.abort_request(rid)
-            self._forget(live)
+            self._abort(live)
+            self._live.remove(live)
             self.stats.cancelled += 1
             _send(live.job, ("cancelled", None))
 
-    def _forget(self, live: _Live) -> None:
-        self._live.remove(live)
-        for rid in live.request_ids:
-            self._jobs.pop(rid, None)
-
     def _finish(self, live: _Live) -> None:
-        self._forget(live)
+        self._live.remove(live)
         self.stats.completed += 1
-        _send(live.job, ("result", live.results()))
+        _send(live.job, ("result", [r.to_dict() for r in live.collector.results()]))
+
+    def _abort(self, live: _Live) -> None:
+        for rid in live.collector.request_ids:
+            self.engine.abort_request(rid)
 
     def _fail_all(self, exc: Exception) -> None:
         jobs = [live.job for live in self._live] + ([self._waiting] if self._waiting else [])
-        for live in list(self._live):
-            for rid in live.request_ids:
-                self.engine.abort_request(rid)
-        self._live, self._jobs, self._waiting = [], {}, None
+        for live in self._live:
+            self._abort(live)
+        self._live, self._waiting = [], None
         self.engine = self.model.engine(max_batch_size=self.max_batch)  # a clean batch after a bug
         for job in jobs:
             self.stats.failed += 1
@@ -312,34 +303,13 @@ class _Live:
     """A job whose requests are in the engine, and what its rows have produced so far."""
 
     job: GenerationJob
-    request_ids: list[str]
-    finals: dict[int, Any] = field(default_factory=dict)  # row -> final RequestOutput
-    logprobs: dict[int, list[Any]] = field(default_factory=dict)
+    collector: ResultCollector
 
     @property
     def rows(self) -> int:
         return self.job.rows
 
-    @property
-    def done(self) -> bool:
-        return len(self.finals) == self.rows
-
-    def take(self, row: int, out: Any) -> None:
-        if out.logprobs is not None:
-            self.logprobs.setdefault(row, []).extend(out.logprobs)
+    def take(self, out: Any) -> None:
+        row = self.collector.take(out)
         if self.job.stream and out.new_text:
             _send(self.job, ("piece", (row, out.new_text)))
-        if out.finished:
-            self.finals[row] = out
-
-    def results(self) -> list[dict[str, Any]]:
-        n = self.job.n
-        results = []
-        for row in range(self.rows):
-            out = self.finals[row]
-            result = {"prompt": self.job.prompts[row // n], "text": out.text, "prompt_ids": list(out.prompt_ids),
-                      "generated_ids": out.token_ids, "finish_reason": out.finish_reason}
-            if row in self.logprobs:
-                result["logprobs"] = [asdict(lp) for lp in self.logprobs[row]]
-            results.append(result)
-        return results
