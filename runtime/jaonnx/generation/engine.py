@@ -27,7 +27,7 @@ from ..errors import JaonnxError
 from .batch import BatchDecoder
 from ..numeric import log_softmax
 from .sampling import SamplingSettings, next_tokens
-from .streaming import REPLACEMENT, continuation_text
+from .streaming import IncrementalText
 
 Decode = Callable[[list[int]], str]
 
@@ -67,9 +67,10 @@ class RequestOutput:
 
 @dataclass
 class _Sequence:
+    detok: IncrementalText
     generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: str = ""
+    text: str = ""  # the text so far, cut at a stop string
+    emitted: str = ""  # the part of it already reported as final
     finish_reason: str | None = None
 
     @property
@@ -158,7 +159,7 @@ class GenerationEngine:
         self._waiting.append(
             _Request(
                 request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text,
-                [_Sequence() for _ in range(settings.num_return_sequences)],
+                [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)],
             )
         )
         return request_id
@@ -285,9 +286,9 @@ class GenerationEngine:
             req.drafted = self._draft(req)
         outputs = []
         for i, seq in enumerate(req.sequences):
-            if not new[i] and not (seq.done and seq.text != seq.emitted):
+            if not new[i]:
                 continue
-            piece = self._update_text(req, seq)
+            piece = self._update_text(req, seq, new[i])
             outputs.append(
                 RequestOutput(
                     req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
@@ -298,28 +299,36 @@ class GenerationEngine:
 
     def _sample(self, req: _Request) -> tuple[np.ndarray, np.ndarray]:
         assert req.logits is not None
-        history = [req.prompt_ids + seq.generated for seq in req.sequences]
-        tokens = next_tokens(req.logits, history, req.steps, req.settings, req.rng)
+        s = req.settings
+        needs_history = s.repetition_penalty != 1.0 or s.bad_words_ids
+        history = [req.prompt_ids + seq.generated for seq in req.sequences] if needs_history else []
+        tokens = next_tokens(req.logits, history, req.steps, s, req.rng)
         tokens = np.where([seq.done for seq in req.sequences], self._pad, tokens)
         return tokens, req.logits
 
-    def _update_text(self, req: _Request, seq: _Sequence) -> str:
-        """Recompute the sequence's text (cut at a stop string) and return the newly final part."""
+    def _update_text(self, req: _Request, seq: _Sequence, new: list[int]) -> str:
+        """Extend the sequence's text by its new tokens (cut at a stop string) and return the
+        part that is now final."""
+        if seq.finish_reason == "stop":
+            return ""
+        seq.detok.push(new)
+        if seq.done:
+            seq.detok.finish()
         stops = req.settings.stop
-        text = continuation_text(self._decode, req.prompt_ids, seq.generated)
-        cut = min((text.find(s) for s in stops if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
-            if not seq.done:
-                seq.finish_reason = "stop"
+        text = seq.detok.text
+        if stops:
+            look = max(0, len(seq.text) - max(map(len, stops)))  # a stop may straddle the old end
+            cut = min((i for i in (text.find(s, look) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+                if not seq.done:
+                    seq.finish_reason = "stop"
         seq.text = text
         if seq.done:
             ready = text
         else:
             hold = max(map(len, stops), default=1) - 1  # a stop string may be starting
             ready = text[: len(text) - hold] if hold else text
-            if ready.endswith(REPLACEMENT):  # an incomplete character: wait for its other bytes
-                return ""
         if not ready.startswith(seq.emitted) or len(ready) <= len(seq.emitted):
             return ""
         piece, seq.emitted = ready[len(seq.emitted) :], ready

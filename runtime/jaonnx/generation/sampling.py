@@ -126,6 +126,10 @@ def next_tokens(
     logits: np.ndarray, history: list[list[int]], generated: int, settings: SamplingSettings, rng: np.random.Generator
 ) -> np.ndarray:
     """Pick one token per row from last-position logits [rows, vocab]."""
+    untouched = settings.repetition_penalty == 1.0 and not settings.bad_words_ids and (
+        settings.eos_token_id is None or generated >= settings.min_new_tokens)
+    if settings.greedy and untouched:
+        return np.asarray(logits).argmax(axis=-1)  # nothing to change: no copy of the vocabulary
     logits = np.array(logits, dtype=np.float32, copy=True)
     apply_repetition_penalty(logits, history, settings.repetition_penalty)
     apply_min_new_tokens(logits, generated, settings)
