@@ -1,6 +1,6 @@
 """Generation: TextGenerator, sampling, the KV-cached decoder, streaming detokenization."""
 
-from .generator import GenerationResult, ScoreResult, TextGenerator
+from .generator import GenerationResult, PromptLogprobs, ScoreResult, TextGenerator
 from .sampling import SamplingSettings
 
-__all__ = ["GenerationResult", "SamplingSettings", "ScoreResult", "TextGenerator"]
+__all__ = ["GenerationResult", "PromptLogprobs", "SamplingSettings", "ScoreResult", "TextGenerator"]

@@ -52,6 +52,18 @@ class ScoreResult:
         return self.__dict__.copy()
 
 
+@dataclass
+class PromptLogprobs:
+    """`TextGenerator.prompt_logprobs`: token i > 0 is scored given tokens < i (natural log)."""
+
+    text: str
+    ids: list[int]
+    tokens: list[str]  # the text each token adds (they join to the decoded text)
+    text_offset: list[int]  # where each token starts in the decoded text
+    token_logprobs: list[float]  # len(ids) - 1: the first token has no context
+    top_logprobs: list[dict[int, float]]  # len(ids) - 1 (or empty when top_k is 0): id -> logprob
+
+
 def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A prefill batch: ids left-padded with `pad_id`, the attention mask, and positions
     counted from each row's first real token (pads get 1, as transformers' GPT-2 does)."""
@@ -254,17 +266,46 @@ class TextGenerator(ArtifactModel):
         results = []
         for text in items:
             ids = self.encode(text)
-            if len(ids) < 2:
-                raise JaonnxError(f"{text!r} is one token: scoring needs at least two")
-            self._check_length(len(ids), 0)
+            logprobs = self._next_token_logprobs(text, ids)
             n = len(ids)
-            self.decoder.reset(1)
-            logits = self.decoder.forward(
-                np.array([ids]), np.ones((1, n), dtype=np.int64), np.arange(n)[None], keep=n
-            )[0].astype(np.float64)
-            shifted = logits - logits.max(axis=-1, keepdims=True)
-            logprobs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
             token_lp = logprobs[np.arange(n - 1), ids[1:]]
             total = float(token_lp.sum())
             results.append(ScoreResult(text, total, n - 1, float(np.exp(-total / (n - 1))), token_lp.tolist()))
         return results[0] if single else results
+
+    def prompt_logprobs(self, text: str, top_k: int = 0) -> PromptLogprobs:
+        """Per-token log-probabilities of `text` with the `top_k` likeliest alternatives at each
+        position: what OpenAI's `echo` + `logprobs` returns. The same numbers as `score`."""
+        if not 0 <= top_k <= self.tokenizer.vocab_size:
+            raise JaonnxError(f"top_k must be between 0 and {self.tokenizer.vocab_size}, got {top_k}")
+        ids = self.encode(text)
+        logprobs = self._next_token_logprobs(text, ids)
+        n = len(ids)
+        tokens, offsets, before = [], [], ""
+        for i in range(n):  # each token's text is what it adds to the decoded prefix
+            upto = self.tokenizer.decode(ids[: i + 1])
+            piece = upto[len(before):] if upto.startswith(before) else self.tokenizer.token_str(ids[i])
+            offsets.append(len(before))
+            tokens.append(piece)
+            before = upto
+        top: list[dict[int, float]] = []
+        if top_k:
+            known = logprobs[:, : self.tokenizer.vocab_size]  # a padded embedding table has ids past the tokenizer
+            part = np.argpartition(-known, top_k - 1, axis=-1)[:, :top_k]
+            order = np.argsort(-np.take_along_axis(known, part, axis=-1), axis=-1, kind="stable")
+            best = np.take_along_axis(part, order, axis=-1)
+            top = [{int(t): float(logprobs[i, t]) for t in best[i]} for i in range(n - 1)]
+        return PromptLogprobs(text, ids, tokens, offsets, logprobs[np.arange(n - 1), ids[1:]].tolist(), top)
+
+    def _next_token_logprobs(self, text: str, ids: list[int]) -> np.ndarray:
+        """(len(ids) - 1, vocab) float64 log-softmax of the logits predicting ids[1:]."""
+        if len(ids) < 2:
+            raise JaonnxError(f"{text!r} is one token: scoring needs at least two")
+        self._check_length(len(ids), 0)
+        n = len(ids)
+        self.decoder.reset(1)
+        logits = self.decoder.forward(
+            np.array([ids]), np.ones((1, n), dtype=np.int64), np.arange(n)[None], keep=n
+        )[0, : n - 1].astype(np.float64)
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
