@@ -21,6 +21,8 @@ from typing import Any
 
 from .. import JaonnxError, load
 from .batcher import FillMaskJob, FillMaskWorker, GenerationJob, GenerationWorker, Job, QueueFull, Worker
+from .operations import check_options, install as install_operations
+from .scoring import echo_completion
 from .schemas import (
     CompletionRequest,
     FillMaskRequest,
@@ -45,6 +47,11 @@ class ServeConfig:
     retry_after: int = 1  # seconds, sent with 503
     threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
     spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
+    # operations (serving-prod): see operations.py
+    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
+    metrics_auth: bool = False  # /metrics needs a key too
+    log_format: str = "text"  # "json": one access-log line per request (jaonnx.access logger)
+    log_prompts: bool = False  # json access logs include the prompt text
 
 
 @dataclass
@@ -121,6 +128,7 @@ def create_app(
         if not hasattr(config, key):
             raise JaonnxError(f"unknown serving option {key!r}")
         setattr(config, key, value)
+    check_options(config)  # serving-prod
     served = load_models(artifact_dirs, config, providers)
     created = int(time.time())
 
@@ -130,7 +138,7 @@ def create_app(
         for m in served.values():  # uvicorn has already let in-flight requests finish
             await asyncio.to_thread(m.worker.stop)
 
-    app = FastAPI(title="jaonnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaonnx", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.served = served
     app.state.config = config
     app.add_middleware(PidHeader)
@@ -197,6 +205,8 @@ def create_app(
         req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         m = lookup(served, req.model, "text-generation")
         prompts, _ = texts(req.prompt, "prompt")
+        if req.max_tokens == 0:  # serving-prod: echo-only scoring (scoring.py)
+            return await echo_completion(m, req, prompts, app.state.score_gates[m.name])
         openai_unsupported(req)
         n = req.n or 1
         greedy = req.temperature == 0 or req.top_p == 0
@@ -219,6 +229,7 @@ def create_app(
         usage = bool((req.stream_options or {}).get("include_usage"))
         return sse(request, m, job, config, completion_events(meta, echo, usage, n))
 
+    install_operations(app, served, config)  # serving-prod: auth, metrics, tracing, /v1/score, playground
     return app
 
 

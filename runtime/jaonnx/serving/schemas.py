@@ -55,7 +55,7 @@ class CompletionRequest(_Strict):
 
     model: str
     prompt: Texts
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)  # 0: echo-only scoring (with echo)
     temperature: float | None = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(1.0, ge=0, le=1, allow_inf_nan=False)
     n: int | None = Field(1, ge=1, le=64)
