@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 import jaonnx
-from serving_support import free_port, same_predictions
+from serving_support import free_port, need, same_predictions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'ray[serve]')")
+ray = need("ray", "ray")
 
 
 @pytest.fixture(scope="module")
