@@ -49,6 +49,7 @@ class ServeConfig:
     spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
     # operations (serving-prod): see operations.py
     api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
+    metrics: bool = True  # /metrics and the instrumentation behind it
     metrics_auth: bool = False  # /metrics needs a key too
     log_format: str = "text"  # "json": one access-log line per request (jaonnx.access logger)
     log_prompts: bool = False  # json access logs include the prompt text

@@ -39,6 +39,7 @@ def serve(
     replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
     # serving-prod: operations options (auth.py, metrics.py, tracing.py)
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*; repeat for several keys (also JAONNX_API_KEY, comma-separated).")] = None,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Serve Prometheus metrics on /metrics.")] = True,
     metrics_auth: Annotated[bool, typer.Option("--metrics-auth", help="Require an API key on /metrics too.")] = False,
     log_format: Annotated[str, typer.Option(help="text (uvicorn's access log) | json (one JSON line per request, no prompt text).")] = "text",
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Put the prompt text in JSON access logs.")] = False,
@@ -55,7 +56,7 @@ def serve(
     if log_format not in ("text", "json"):
         raise JaonnxError(f"--log-format {log_format!r} is not one of text, json")
     keys = api_keys(api_key or ())
-    options.update(api_keys=keys, metrics_auth=metrics_auth, log_format=log_format, log_prompts=log_prompts)
+    options.update(api_keys=keys, metrics=metrics, metrics_auth=metrics_auth, log_format=log_format, log_prompts=log_prompts)
     warning = bind_warning(host, keys)
     if warning:
         typer.echo(warning, err=True)

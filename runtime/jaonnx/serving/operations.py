@@ -30,21 +30,24 @@ def check_options(config: Any) -> None:
 
 def install(app: Any, served: dict[str, Any], config: Any) -> None:
     """Instrument the workers and add the middleware and routes. Call after the routes are defined."""
-    metrics = Metrics(served)
-    for m in served.values():
-        m.worker = metrics.instrument(m.worker)
+    metrics = Metrics(served) if config.metrics else None
+    if metrics is not None:
+        for m in served.values():
+            m.worker = metrics.instrument(m.worker)
     gates = {name: ScoreGate(config.max_queue) for name in served}
     app.state.metrics, app.state.score_gates = metrics, gates
     app.include_router(score_router(served, gates, config.max_body_bytes))
-    app.include_router(metrics_router(metrics))
+    if metrics is not None:
+        app.include_router(metrics_router(metrics))
+        metrics.app = app
     app.include_router(playground_router())
     for route in app.routes:
         body = REQUEST_BODIES.get(getattr(route, "path", None))
         if body is not None:
             route.openapi_extra = {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": body.model_json_schema()}}}}
-    metrics.app = app
     # add_middleware wraps what is there: the last added runs first
     app.add_middleware(ApiKeyAuth, keys=tuple(k.strip() for k in config.api_keys), protect_metrics=config.metrics_auth)
-    app.add_middleware(HttpMetrics, metrics=metrics)
+    if metrics is not None:
+        app.add_middleware(HttpMetrics, metrics=metrics)
     app.add_middleware(RequestTracing, log_json=config.log_format == "json", log_prompts=config.log_prompts)
