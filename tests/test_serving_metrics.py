@@ -175,3 +175,24 @@ def test_rejected_and_timed_out_requests_are_counted(artifacts: dict[str, Path])
         assert events[-1]["error"]["type"] == "timeout"
         after = scrape(url)
         assert delta(before, after, "jaonnx:request_timeout_total", model_name=big) == 2
+
+
+def test_metrics_can_be_turned_off(artifacts: dict[str, Path]) -> None:
+    with running_server([artifacts[GPT]], metrics=False) as (url, app):
+        assert httpx.get(url + "/metrics").status_code == 404
+        r = httpx.post(url + "/v1/completions", json={"model": GPT, "prompt": "東京は", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and app.state.metrics is None
+
+
+def test_openapi_lists_every_route_with_its_schema(server: Any) -> None:
+    url, app = server
+    spec = httpx.get(url + "/openapi.json").json()
+    routes = {(m.upper(), p) for p, ops in spec["paths"].items() for m in ops}
+    served = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
+    assert served - {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect")} <= routes
+    for path, fields in {"/v1/fill-mask": {"model", "inputs", "top_k"}, "/v1/generate": {"prompt", "max_new_tokens"},
+                         "/v1/completions": {"prompt", "max_tokens", "echo", "logprobs"},
+                         "/v1/score": {"model", "input", "top_logprobs"}}.items():
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert fields <= set(schema["properties"]), path
+    assert "swagger" in httpx.get(url + "/docs").text.lower()
