@@ -92,6 +92,8 @@ def test_keys_from_options_and_environment() -> None:
         running_server_options_check(api_keys=(" ",))
     with pytest.raises(JaonnxError, match="log format"):
         running_server_options_check(log_format="xml")
+    with pytest.raises(JaonnxError, match="metrics-auth needs an API key"):
+        running_server_options_check(metrics_auth=True)
 
 
 def running_server_options_check(**options: Any) -> None:
@@ -122,8 +124,9 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def test_cli_refuses_an_empty_key_and_a_bad_log_format(artifacts: dict[str, Path]) -> None:
     art = str(artifacts["rinna-roberta"])
-    for args in (["--api-key", ""], ["--log-format", "xml"]):
-        done = subprocess.run(jaonnx_cli("serve", art, *args), capture_output=True, text=True, env=cli_env(), timeout=120)
+    for args in (["--api-key", ""], ["--log-format", "xml"], ["--metrics-auth"]):
+        done = subprocess.run(jaonnx_cli("serve", art, *args), capture_output=True, text=True,
+                              env=cli_env(JAONNX_API_KEY=""), timeout=120)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
 
 

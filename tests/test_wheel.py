@@ -44,7 +44,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     run([sys.executable, "-m", "venv", str(venv)], work, env)
     wheel = next(dist.glob("jaonnx-*.whl"))
     started = time.monotonic()
-    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{wheel}[cpu,serve]"], work, env)
+    run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile",
+         "--disable-pip-version-check", f"{wheel}[cpu,serve]"], work, env)
     print(f"\nwheel {wheel.name}: {wheel.stat().st_size / 1024:.0f} KiB; pip install "
           f"[cpu,serve] took {time.monotonic() - started:.1f} s")
     return venv / "bin", {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}, dist, work

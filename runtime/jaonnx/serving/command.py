@@ -51,12 +51,17 @@ def serve(
     options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                    request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
     # serving-prod: keys, metrics auth and access logs
-    from .auth import api_keys, bind_warning
+    from types import SimpleNamespace
 
-    if log_format not in ("text", "json"):
-        raise JaonnxError(f"--log-format {log_format!r} is not one of text, json")
+    _need("fastapi")  # operations imports pydantic
+    if metrics:
+        _need("prometheus_client")
+    from .auth import api_keys, bind_warning
+    from .operations import check_options
+
     keys = api_keys(api_key or ())
     options.update(api_keys=keys, metrics=metrics, metrics_auth=metrics_auth, log_format=log_format, log_prompts=log_prompts)
+    check_options(SimpleNamespace(**options))  # before Ray or uvicorn start
     warning = bind_warning(host, keys)
     if warning:
         typer.echo(warning, err=True)

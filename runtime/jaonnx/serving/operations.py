@@ -26,6 +26,8 @@ def check_options(config: Any) -> None:
     for key in config.api_keys:
         if not isinstance(key, str) or not key.strip():
             raise JaonnxError("an API key is empty: give non-empty keys")
+    if config.metrics_auth and not config.api_keys:
+        raise JaonnxError("--metrics-auth needs an API key: set --api-key or JAONNX_API_KEY")
 
 
 def install(app: Any, served: dict[str, Any], config: Any) -> None:
