@@ -139,6 +139,8 @@ def test_echo_logprobs_match_transformers(server: Any, gpt2: Any) -> None:
                          "stream": True}, 400, "stream"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京は", "max_tokens": 0, "echo": True,
                          "logprobs": 6}, 422, "logprobs"),
+    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京は", "max_tokens": 0, "echo": True,
+                         "suffix": "。"}, 400, "suffix"),
 ])
 def test_scoring_errors(server: Any, path: str, body: Any, status: int, field: str) -> None:
     url, _ = server

@@ -112,6 +112,9 @@ async def echo_completion(m: Any, req: Any, prompts: list[str], gate: ScoreGate)
                                 "or ask for at least 1 token", "max_tokens")
     if req.stream:
         raise RequestError(400, "max_tokens: 0 (echo-only scoring) does not stream: set stream to false", "stream")
+    for name in ("suffix", "logit_bias", "presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise RequestError(400, f"{name} is not supported by this server: leave it out", name)
     choices, prompt_tokens = await gate.run(m.name, echo_items, m.model, prompts, req.logprobs, req.n or 1)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": m.name, "choices": choices,
