@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from serving_support import assert_json_error, free_port, need, running_server
+from serving_support import assert_json_error, free_port, need, running_server, sse_events
 
 need("fastapi", "serve")
 need("prometheus_client", "serve")
@@ -197,14 +197,22 @@ def test_log_prompts_puts_the_prompt_in_the_log(artifacts: dict[str, Path]) -> N
     keep = Keep()
     logger.addHandler(keep)
     try:
-        with running_server([artifacts["rinna-roberta"]], log_format="json", log_prompts=True) as (url, _):
+        dirs = [artifacts["rinna-roberta"], artifacts["gpt2-small-ja"]]
+        with running_server(dirs, log_format="json", log_prompts=True) as (url, _):
             text = "東京は日本の[MASK]です。"
             r = httpx.post(url + "/v1/fill-mask", json={"model": "rinna-roberta", "inputs": text})
             assert r.status_code == 200
+            body = {"model": "gpt2-small-ja", "prompt": ["東京は", "大学で"], "max_tokens": 3, "temperature": 0,
+                    "stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as streamed:
+                usage = sse_events(streamed)[-2]["usage"]
     finally:
         logger.removeHandler(keep)
     rec = next(rec for rec in records if rec["route"] == "/v1/fill-mask")
     assert rec["prompts"] == [text] and rec["model"] == "rinna-roberta" and rec["request_id"] == r.headers["x-request-id"]
+    rec = next(rec for rec in records if rec["request_id"] == streamed.headers["x-request-id"])
+    assert rec["prompts"] == body["prompt"] and rec["status"] == 200
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (usage["prompt_tokens"], usage["completion_tokens"])
 
 
 def test_request_ids_are_echoed_only_when_safe(server: Any) -> None:
