@@ -11,6 +11,11 @@
 
 Writes benchmarks/results/serving.md and benchmarks/results/serving.json. The CI test
 (tests/test_serving_load.py) runs `run_load` from here with a short duration.
+
+3. `--ops-overhead`: the mixed load against two servers, one with an API key and /metrics
+   (scraped every second, as a busy Prometheus would) and one with neither, in interleaved
+   segments (ABBA order, so drift on a shared machine falls on both); writes the comparison
+   into the "Auth + metrics overhead" section of serving.md and `ops_overhead` in serving.json.
 """
 
 from __future__ import annotations
@@ -89,9 +94,9 @@ def generated_tokens(path: str, body: dict[str, Any]) -> int:
     return 0
 
 
-def solo_answers(url: str, requests: list[Request]) -> list[Any]:
+def solo_answers(url: str, requests: list[Request], headers: dict[str, str] | None = None) -> list[Any]:
     """Each request alone, one after another: the reference answers."""
-    with httpx.Client(base_url=url, timeout=120) as client:
+    with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
         answers = []
         for path, body in requests:
             r = client.post(path, json=body)
@@ -119,7 +124,7 @@ class LoadReport:
 
 
 def run_load(url: str, requests: list[Request], clients: int, duration_s: float, max_requests: int,
-             expected: list[Any] | None = None) -> LoadReport:
+             expected: list[Any] | None = None, headers: dict[str, str] | None = None) -> LoadReport:
     """`clients` threads, each with its own connection, send requests round-robin until
     `max_requests` were sent or `duration_s` passed; answers are checked against `expected`."""
     lock = threading.Lock()
@@ -129,7 +134,7 @@ def run_load(url: str, requests: list[Request], clients: int, duration_s: float,
     stop_at = time.monotonic() + duration_s
 
     def client_loop() -> None:
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with httpx.Client(base_url=url, timeout=120, headers=headers) as client:
             while time.monotonic() < stop_at:
                 with lock:
                     i = next(counter, None)
@@ -196,7 +201,8 @@ def server_process(artifacts: list[Path], **options: Any) -> Iterator[str]:
         port = s.getsockname()[1]
     args = [str(a) for a in artifacts] + ["--port", str(port), "--log-level", "warning"]
     for key, value in options.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        args += [flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False else [flag, str(value)]
     code = "import typer; from jaonnx.serving.command import serve; typer.run(serve)"
     proc = subprocess.Popen([sys.executable, "-c", code, *args])
     url = f"http://127.0.0.1:{port}"
@@ -220,6 +226,104 @@ def server_process(artifacts: list[Path], **options: Any) -> Iterator[str]:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+OPS_KEY = "load-test-key"
+OPS_MARK = "## Auth + metrics overhead"
+
+
+@contextmanager
+def scraping(url: str, every_s: float, headers: dict[str, str]) -> Iterator[list[int]]:
+    """Scrape /metrics every `every_s` seconds while the block runs; yields the scrape count."""
+    done, count = threading.Event(), [0]
+
+    def loop() -> None:
+        with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
+            while not done.wait(every_s):
+                client.get("/metrics").raise_for_status()
+                count[0] += 1
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield count
+    finally:
+        done.set()
+        thread.join(30)
+
+
+def ops_overhead(artifacts: list[Path], duration_s: float, clients: int, segments: int = 4) -> dict[str, Any]:
+    """Mixed-load throughput with auth + metrics on against off, in ABBA-interleaved segments
+    of `duration_s / segments` seconds each, `duration_s` in total per configuration."""
+    auth = {"Authorization": f"Bearer {OPS_KEY}"}
+    with server_process(artifacts, metrics=False) as off_url, \
+            server_process(artifacts, api_key=OPS_KEY, metrics=True) as on_url:
+        models = httpx.get(off_url + "/v1/models").json()["data"]
+        requests = mixed_requests(models)
+        expected = solo_answers(off_url, requests)
+        order = ["off", "on", "on", "off"] * ((segments + 1) // 2)
+        runs: dict[str, list[LoadReport]] = {"off": [], "on": []}
+        scrapes = 0
+        for which in order[: 2 * segments]:
+            if which == "on":
+                with scraping(on_url, 1.0, auth) as count:
+                    report = run_load(on_url, requests, clients, duration_s / segments, 1_000_000, expected, auth)
+                scrapes += count[0]
+            else:
+                report = run_load(off_url, requests, clients, duration_s / segments, 1_000_000, expected)
+            print(which, f"{report.requests_per_s:.1f} req/s", f"{report.tokens_per_s:.0f} tok/s", flush=True)
+            runs[which].append(report)
+        metrics_text = httpx.get(on_url + "/metrics", headers=auth).text
+    def total(reports: list[LoadReport]) -> dict[str, Any]:
+        seconds = sum(r.seconds for r in reports)
+        return {
+            "segments": len(reports), "seconds": seconds, "requests": sum(r.requests for r in reports),
+            "ok": sum(r.ok for r in reports), "server_errors": sum(r.server_errors for r in reports),
+            "other_errors": sum(r.other_errors for r in reports), "mismatches": sum(r.mismatches for r in reports),
+            "requests_per_s": sum(r.requests for r in reports) / seconds,
+            "tokens_per_s": sum(r.tokens for r in reports) / seconds,
+            "p50_ms_median": statistics.median(r.p50_ms for r in reports),
+            "p99_ms_max": max(r.p99_ms for r in reports),
+            "segment_requests_per_s": [round(r.requests_per_s, 2) for r in reports],
+        }
+    off, on = total(runs["off"]), total(runs["on"])
+    return {"clients": clients, "duration_s_per_config": duration_s, "order": order[: 2 * segments],
+            "off": off, "on": on, "scrapes": scrapes,
+            "throughput_change": on["requests_per_s"] / off["requests_per_s"] - 1,
+            "token_throughput_change": on["tokens_per_s"] / off["tokens_per_s"] - 1,
+            "metrics_bytes": len(metrics_text)}
+
+
+def ops_markdown(result: dict[str, Any], machine: str) -> str:
+    off, on = result["off"], result["on"]
+    rows = [("off: no key, no /metrics", off), (f"on: API key + /metrics scraped every 1 s ({result['scrapes']} scrapes)", on)]
+    lines = [
+        OPS_MARK, "",
+        f"{machine}; busy machine (2 cores shared with other work): compare the ratio, not the absolute numbers. "
+        f"Mixed load, {result['clients']} clients, {result['duration_s_per_config']:.0f} s per configuration in "
+        f"{off['segments']} + {on['segments']} interleaved segments ({' '.join(result['order'])}).", "",
+        "| configuration | requests | ok (equal to solo) | 5xx | mismatches | req/s | gen tokens/s | median p50 ms | max p99 ms | req/s per segment |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['requests']} | {r['ok']} | {r['server_errors']} | {r['mismatches']} | "
+                     f"{r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['p50_ms_median']:.0f} | "
+                     f"{r['p99_ms_max']:.0f} | {', '.join(map(str, r['segment_requests_per_s']))} |")
+    lines += ["", f"Throughput change with auth + metrics on: **{100 * result['throughput_change']:+.1f}%** requests/s, "
+                  f"{100 * result['token_throughput_change']:+.1f}% generated tokens/s (target: within ±5%).", ""]
+    return "\n".join(lines)
+
+
+def write_ops(result: dict[str, Any], machine: str) -> None:
+    """Put the overhead section into serving.md (replacing an older one) and serving.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md, js = RESULTS / "serving.md", RESULTS / "serving.json"
+    text = md.read_text() if md.exists() else ""
+    text = text.split(OPS_MARK)[0].rstrip("\n")
+    md.write_text((text + "\n\n" if text else "") + ops_markdown(result, machine))
+    data = json.loads(js.read_text()) if js.exists() else {}
+    data["ops_overhead"] = result
+    js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def markdown(load: LoadReport, levels: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -253,8 +357,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--generation-model", default="rinna-gpt-1b")
+    parser.add_argument("--ops-overhead", action="store_true",
+                        help="only compare auth + metrics on against off (interleaved), --duration s each")
+    parser.add_argument("--segments", type=int, default=6, help="--ops-overhead: segments per configuration (even)")
     args = parser.parse_args()
     artifacts = args.artifacts or sorted((Path(os.environ.get("JAONNX_TEST_CACHE", "")) / "artifacts").iterdir())
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    if args.ops_overhead:
+        result = ops_overhead(artifacts, args.duration, args.clients, args.segments)
+        write_ops(result, machine)
+        print(ops_markdown(result, machine))
+        return
 
     with server_process(artifacts) as url:
         models = httpx.get(url + "/v1/models").json()["data"]
@@ -274,9 +387,14 @@ def main() -> None:
         "new_tokens": args.new_tokens, "duration_s": args.duration,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serving.json").write_text(json.dumps({"meta": meta, "load": asdict(load), "levels": levels},
-                                                     indent=1, ensure_ascii=False) + "\n")
-    (RESULTS / "serving.md").write_text(markdown(load, levels, meta))
+    md, js = RESULTS / "serving.md", RESULTS / "serving.json"
+    kept = md.read_text().partition(OPS_MARK) if md.exists() else ("", "", "")
+    old = json.loads(js.read_text()) if js.exists() else {}
+    data = {"meta": meta, "load": asdict(load), "levels": levels}
+    if "ops_overhead" in old:  # the overhead comparison is run separately (--ops-overhead): keep it
+        data["ops_overhead"] = old["ops_overhead"]
+    js.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    md.write_text(markdown(load, levels, meta) + ("\n" + kept[1] + kept[2] if kept[1] else ""))
     print(markdown(load, levels, meta))
 
 

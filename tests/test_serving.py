@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 import jaonnx
-from serving_support import assert_json_error, free_port, running_server, same_predictions, sse_events
+from serving_support import assert_json_error, free_port, need, running_server, same_predictions, sse_events
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
+need("fastapi", "serve")
 
 PROMPTS = ["近年の機械学習は", "東京は日本の", "今日は天気が良いので"]
 
@@ -114,7 +114,7 @@ def test_stop_sequences_cut_the_text(client: httpx.Client, models: dict[str, Any
 
 
 def test_openai_client_completions(server: Any, models: dict[str, Any]) -> None:
-    openai = pytest.importorskip("openai")
+    openai = need("openai", "dev")
     client = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", timeout=60, max_retries=0)
     want = models["rinna-gpt-1b"].generate(PROMPTS[2], max_new_tokens=10, do_sample=False)
     done = client.completions.create(model="rinna-gpt-1b", prompt=PROMPTS[2], max_tokens=10, temperature=0, n=2)
@@ -202,7 +202,7 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "temperature": 3}, 422, "temperature"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "n": 0}, 422, "n"),
-    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "logprobs": 2, "stream": True}, 400, "logprobs"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": [1, 2, 3]}, 422, "prompt[0]"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "stream": True, "max_tokens": 9999},
      400, "max_tokens"),

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from serving_support import assert_json_error, running_server
+from serving_support import assert_json_error, need, running_server
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
+need("fastapi", "serve")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -45,11 +45,15 @@ FIELDS = {path: sorted(set(body) & set(BAD_VALUES)) for path, body in VALID.item
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module")
-def client(artifacts: dict[str, Path]) -> Any:
+@pytest.fixture(scope="module", params=["no auth", "auth"])
+def client(artifacts: dict[str, Path], request: pytest.FixtureRequest) -> Any:
+    """The server as is, and with an API key required (the client sends it): bad bodies must
+    still be a 4xx naming their field once the key check has passed."""
     dirs = [artifacts["rinna-roberta"], artifacts["gpt2-small-ja"]]
-    with running_server(dirs, max_body_bytes=4096, request_timeout=20) as (url, _):
-        with httpx.Client(base_url=url, timeout=30) as c:
+    keys = ("fuzz-key-1",) if request.param == "auth" else ()
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    with running_server(dirs, max_body_bytes=4096, request_timeout=20, api_keys=keys) as (url, _):
+        with httpx.Client(base_url=url, timeout=30, headers=headers) as c:
             yield c
 
 
@@ -106,3 +110,29 @@ def test_garbage_bodies_get_a_4xx(client: httpx.Client, path: str) -> None:
 
     check()
     assert client.post(path, json=VALID[path]).status_code == 200  # and it still serves
+
+
+ASCII = st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=40)
+
+
+@pytest.mark.parametrize("path", sorted(VALID))
+def test_authorization_headers(client: httpx.Client, path: str) -> None:
+    """With a key required, any other Authorization header is a 401 JSON error; without
+    one, the header is ignored."""
+    if "authorization" not in client.headers:
+        for value in ("Bearer wrong", "Basic abc", ""):
+            assert client.post(path, json=VALID[path], headers={"Authorization": value}).status_code == 200
+        return
+
+    @SETTINGS
+    @given(st.one_of(ASCII, ASCII.map(lambda k: f"Bearer {k}"), st.just("Bearer"), st.just("bearer fuzz-key-1x"),
+                     st.just("Basic fuzz-key-1"), st.just("Bearer fuzz-key-")))
+    def check(value: str) -> None:
+        value = value.strip()  # HTTP header values carry no outer whitespace
+        parts = value.split(None, 1)
+        if len(parts) == 2 and parts[0].lower() == "bearer" and parts[1].strip() == "fuzz-key-1":
+            return  # the right key, however spaced
+        r = client.post(path, json=VALID[path], headers={"Authorization": value})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", (value, r.text[:200])
+
+    check()

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from serving_support import running_server
+from serving_support import need, running_server
 
-pytest.importorskip("fastapi", reason="the serve extra is not installed")
+need("fastapi", "serve")
 
 
 def load_benchmark() -> Any:

@@ -12,10 +12,14 @@ import httpx
 import pytest
 
 import jaonnx
-from serving_support import free_port, same_predictions
+from serving_support import free_port, need, same_predictions
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's own pydantic use
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'ray[serve]')")
+ray = need("ray", "ray")
+
+
+RAY_KEY = "ray-key-1"  # the deployment takes the same API keys as `jaonnx serve`
+AUTH = {"Authorization": f"Bearer {RAY_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def ray_url(artifacts: dict[str, Path]) -> Any:
     try:
         port = free_port()
         run([artifacts["ken11-albert"], artifacts["gpt2-small-ja"]], host="127.0.0.1", port=port, blocking=False,
-            num_replicas=2, num_cpus=0.5, max_batch_size=8)
+            num_replicas=2, num_cpus=0.5, max_batch_size=8, api_keys=(RAY_KEY,))
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -39,7 +43,8 @@ def ray_url(artifacts: dict[str, Path]) -> Any:
 def test_two_replicas_share_the_requests(ray_url: str, artifacts: dict[str, Path]) -> None:
     fm = jaonnx.load(artifacts["ken11-albert"])
     texts = [t.format(fm.mask_token) for t in ["東京は日本の{}です。", "大学で{}の研究をしています。"] * 16]
-    with httpx.Client(base_url=ray_url, timeout=60) as client:
+    assert httpx.get(ray_url + "/v1/models", timeout=60).status_code == 401
+    with httpx.Client(base_url=ray_url, timeout=60, headers=AUTH) as client:
         def call(text: str) -> httpx.Response:
             return client.post("/v1/fill-mask", json={"model": "ken11-albert", "inputs": text, "top_k": 3})
 

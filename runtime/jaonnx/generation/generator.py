@@ -95,6 +95,18 @@ class ScoreResult:
         return self.__dict__.copy()
 
 
+@dataclass
+class PromptLogprobs:
+    """`TextGenerator.prompt_logprobs`: token i > 0 is scored given tokens < i (natural log)."""
+
+    text: str
+    ids: list[int]
+    tokens: list[str]  # the text each token adds (they join to the decoded text)
+    text_offset: list[int]  # where each token starts in the decoded text
+    token_logprobs: list[float]  # len(ids) - 1: the first token has no context
+    top_logprobs: list[dict[int, float]]  # len(ids) - 1 (or empty when top_k is 0): id -> logprob
+
+
 class TextGenerator(ArtifactModel):
     """`gen.generate("近年の機械学習は", max_new_tokens=32)`; `gen.stream(...)`; `gen.score(...)`;
     `gen.engine()` for continuous batching. Options: `jaonnx.generation.GENERATION_OPTIONS`."""
@@ -207,16 +219,48 @@ class TextGenerator(ArtifactModel):
         items = [texts] if single else list(texts)
         if not items:
             raise JaonnxError("no texts given: pass a text or a non-empty list of texts", "text")
-        batch = self.new_batch()
         results = []
         for text in items:
             ids = self.encode(text)
-            if len(ids) < 2:
-                raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
-            check_position_budget(len(ids), 0, self.manifest.max_positions)
-            logprobs = log_softmax(batch.logits(ids))
+            logprobs = self._next_token_logprobs(text, ids)
             n = len(ids)
-            token_lp = logprobs[range(n - 1), ids[1:]]
+            token_lp = logprobs[np.arange(n - 1), ids[1:]]
             total = float(token_lp.sum())
             results.append(ScoreResult(text, total, n - 1, float(np.exp(-total / (n - 1))), token_lp.tolist()))
         return results[0] if single else results
+
+    def prompt_logprobs(self, text: str, top_k: int = 0) -> PromptLogprobs:
+        """Per-token log-probabilities of `text` with the `top_k` likeliest alternatives at each
+        position: what OpenAI's `echo` + `logprobs` returns. The same numbers as `score`."""
+        if not 0 <= top_k <= self.tokenizer.vocab_size:
+            raise JaonnxError(f"top_k must be between 0 and {self.tokenizer.vocab_size}, got {top_k}", "top_k")
+        ids = self.encode(text)
+        logprobs = self._next_token_logprobs(text, ids)
+        n = len(ids)
+        tokens = self.token_texts(ids)
+        offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
+        top: list[dict[int, float]] = []
+        if top_k:
+            known = logprobs[:, : self.tokenizer.vocab_size]  # a padded embedding table has ids past the tokenizer
+            part = np.argpartition(-known, top_k - 1, axis=-1)[:, :top_k]
+            order = np.argsort(-np.take_along_axis(known, part, axis=-1), axis=-1, kind="stable")
+            best = np.take_along_axis(part, order, axis=-1)
+            top = [{int(t): float(logprobs[i, t]) for t in best[i]} for i in range(n - 1)]
+        return PromptLogprobs(text, ids, tokens, offsets, logprobs[np.arange(n - 1), ids[1:]].tolist(), top)
+
+    def token_texts(self, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
+        """The text each of `ids` adds after `context` and the ids before it (they join to the
+        decoded text; a token inside a multi-byte character adds "" until the character ends)."""
+        pieces, before = [], self.tokenizer.decode(list(context))
+        for i in range(len(ids)):
+            upto = self.tokenizer.decode([*context, *ids[: i + 1]])
+            pieces.append(upto[len(before) :] if upto.startswith(before) else self.tokenizer.token_str(ids[i]))
+            before = upto
+        return pieces
+
+    def _next_token_logprobs(self, text: str, ids: list[int]) -> np.ndarray:
+        """(len(ids) - 1, vocab) float64 log-softmax of the logits predicting ids[1:]."""
+        if len(ids) < 2:
+            raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
+        check_position_budget(len(ids), 0, self.manifest.max_positions)
+        return log_softmax(self.new_batch().logits(ids)[: len(ids) - 1])

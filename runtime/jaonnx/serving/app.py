@@ -22,9 +22,11 @@ from typing import Any
 from .. import JaonnxError, load
 from .batcher import FillMaskJob, FillMaskWorker, GenerationWorker, Worker
 from .events import generate_events, run, sse
+from .operations import check_options, install as install_operations
 from .openai import ALIASES, completion_body, completion_events, completion_options
+from .scoring import echo_completion
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
-from .validation import check_masked, check_rows, openai_unsupported, prepare, read_json
+from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
 
 
 @dataclass
@@ -39,6 +41,12 @@ class ServeConfig:
     retry_after: int = 1  # seconds, sent with 503
     threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
     spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
+    # operations (serving-prod): see operations.py
+    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
+    metrics: bool = True  # /metrics and the instrumentation behind it
+    metrics_auth: bool = False  # /metrics needs a key too
+    log_format: str = "text"  # "json": one access-log line per request (jaonnx.access logger)
+    log_prompts: bool = False  # json access logs include the prompt text
 
 
 @dataclass
@@ -71,16 +79,6 @@ def load_models(artifact_dirs: Sequence[str | Path], config: ServeConfig, provid
             worker = GenerationWorker(name, model, config.max_queue, config.max_batch_size)
         served[name] = ServedModel(name, directory, model, worker)
     return served
-
-
-def lookup(served: dict[str, ServedModel], name: str, task: str) -> ServedModel:
-    if name not in served:
-        raise RequestError(404, f"model {name[:80]!r} is not served here: GET /v1/models lists them", "model",
-                           "not_found_error")
-    m = served[name]
-    if m.task != task:
-        raise RequestError(400, f"model {name!r} is a {m.task} model, not {task}", "model")
-    return m
 
 
 class PidHeader:
@@ -116,6 +114,7 @@ def create_app(
         if not hasattr(config, key):
             raise JaonnxError(f"unknown serving option {key!r}")
         setattr(config, key, value)
+    check_options(config)  # serving-prod
     served = load_models(artifact_dirs, config, providers)
     created = int(time.time())
 
@@ -125,7 +124,7 @@ def create_app(
         for m in served.values():  # uvicorn has already let in-flight requests finish
             await asyncio.to_thread(m.worker.stop)
 
-    app = FastAPI(title="jaonnx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaonnx", lifespan=lifespan, docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.served = served
     app.state.config = config
     app.add_middleware(PidHeader)
@@ -194,6 +193,8 @@ def create_app(
         req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         m = lookup(served, req.model, "text-generation")
         prompts, _ = texts(req.prompt, "prompt")
+        if req.max_tokens == 0:  # serving-prod: echo-only scoring (scoring.py)
+            return await echo_completion(m, req, prompts, app.state.score_gates[m.name])
         openai_unsupported(req)
         n = req.n or 1
         options, greedy = completion_options(req)
@@ -205,8 +206,9 @@ def create_app(
         echo = bool(req.echo)
         if not req.stream:
             results = await run(request, m.worker, job, config.request_timeout)
-            return completion_body(meta, results, echo, n)
+            return completion_body(meta, results, echo, n, m.model, req.logprobs)
         usage = bool((req.stream_options or {}).get("include_usage"))
         return sse(request, m.worker, job, config.request_timeout, completion_events(meta, echo, usage, n))
 
+    install_operations(app, served, config)  # serving-prod: auth, metrics, tracing, /v1/score, playground
     return app

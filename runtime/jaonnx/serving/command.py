@@ -38,12 +38,33 @@ def serve(
     min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling lower bound (turns autoscaling on).")] = None,
     max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling upper bound (turns autoscaling on).")] = None,
     replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
+    # serving-prod: operations options (auth.py, metrics.py, tracing.py)
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*; repeat for several keys (also JAONNX_API_KEY, comma-separated).")] = None,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Serve Prometheus metrics on /metrics.")] = True,
+    metrics_auth: Annotated[bool, typer.Option("--metrics-auth", help="Require an API key on /metrics too.")] = False,
+    log_format: Annotated[str, typer.Option(help="text (uvicorn's access log) | json (one JSON line per request, no prompt text).")] = "text",
+    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Put the prompt text in JSON access logs.")] = False,
 ) -> None:
     """Serve ARTIFACTS over HTTP: /v1/fill-mask, /v1/generate and OpenAI's /v1/completions."""
     for path in artifacts:
         read_manifest(path)  # a one-line error for anything that is not a complete artifact
     options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                    request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
+    # serving-prod: keys, metrics auth and access logs
+    from types import SimpleNamespace
+
+    _need("fastapi")  # operations imports pydantic
+    if metrics:
+        _need("prometheus_client")
+    from .auth import api_keys, bind_warning
+    from .operations import check_options
+
+    keys = api_keys(api_key or ())
+    options.update(api_keys=keys, metrics=metrics, metrics_auth=metrics_auth, log_format=log_format, log_prompts=log_prompts)
+    check_options(SimpleNamespace(**options))  # before Ray or uvicorn start
+    warning = bind_warning(host, keys)
+    if warning:
+        typer.echo(warning, err=True)
     if ray:
         _need("ray", "serve,ray")
         from .ray_serve import autoscaling_config, run
@@ -62,4 +83,5 @@ def serve(
     from .app import create_app
 
     app = create_app(artifacts, providers=providers, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(timeout, 1.0))
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(timeout, 1.0),
+                access_log=log_format == "text")  # serving-prod: json mode writes its own access lines

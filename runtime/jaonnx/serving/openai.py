@@ -7,6 +7,7 @@ from typing import Any
 from .batcher import GenerationJob
 from .events import EventMaker
 from .schemas import CompletionRequest
+from .scoring import openai_logprobs
 
 ALIASES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}  # runtime name -> OpenAI's
 
@@ -20,17 +21,42 @@ def completion_options(req: CompletionRequest) -> tuple[dict[str, Any], bool]:
         "max_new_tokens": req.max_tokens or 16, "min_new_tokens": 0, "do_sample": not greedy,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": req.top_p or 1.0, "top_k": req.top_k, "repetition_penalty": req.repetition_penalty,
-        "num_return_sequences": 1 if greedy else (req.n or 1), "seed": req.seed,
+        "num_return_sequences": 1 if greedy else (req.n or 1), "seed": req.seed, "logprobs": req.logprobs,
     }
     return options, greedy
+
+
+def choice_logprobs(model: Any, result: dict[str, Any], echo: bool, top: int) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of one choice: each generated token's text, log-probability,
+    `top` alternatives and offset in the choice's text; with `echo`, the prompt's tokens first
+    (its first token has no log-probability)."""
+    generated = result["generated_ids"]
+    tokens = model.token_texts(generated, context=result["prompt_ids"])
+    lps = result.get("logprobs") or []
+    body: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    start = 0
+    if echo:
+        prompt, _ = openai_logprobs(model, result["prompt"], top)
+        for key in body:
+            body[key] += prompt[key] or [None] * len(prompt["tokens"])
+        start = len(result["prompt"])
+    offsets = [start + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    body["tokens"] += tokens
+    body["token_logprobs"] += [lp["logprob"] for lp in lps]
+    body["top_logprobs"] += [{model.tokenizer.token_str(t): v for t, v in lp["top"]} for lp in lps]
+    body["text_offset"] += offsets
+    return body
 
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-def completion_body(meta: dict[str, Any], results: list[dict[str, Any]], echo: bool, n: int) -> dict[str, Any]:
+def completion_body(
+    meta: dict[str, Any], results: list[dict[str, Any]], echo: bool, n: int, model: Any = None, logprobs: int | None = None
+) -> dict[str, Any]:
     choices = [
-        {"text": (r["prompt"] if echo else "") + r["text"], "index": i, "logprobs": None,
+        {"text": (r["prompt"] if echo else "") + r["text"], "index": i,
+         "logprobs": None if logprobs is None else choice_logprobs(model, r, echo, logprobs),
          "finish_reason": FINISH[r["finish_reason"]]}
         for i, r in enumerate(results)
     ]

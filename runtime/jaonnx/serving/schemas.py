@@ -17,14 +17,14 @@ MAX_TOP_K = 100  # fill-mask predictions per mask
 MAX_PREDICTIONS = 5000  # texts x masks x top_k in one fill-mask request: each is a decoded sequence
 
 
-class _Strict(BaseModel):
+class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", protected_namespaces=())
 
 
 Texts = str | list[str]
 
 
-class FillMaskRequest(_Strict):
+class FillMaskRequest(StrictBody):
     model: str
     inputs: Texts
     top_k: int = Field(5, ge=1, le=MAX_TOP_K)
@@ -43,7 +43,7 @@ def _field(option: Option) -> tuple[Any, Any]:
 
 GenerateRequest = create_model(  # type: ignore[call-overload]
     "GenerateRequest",
-    __base__=_Strict,
+    __base__=StrictBody,
     __doc__="`/v1/generate`: the Python API's options (GENERATION_OPTIONS); unset ones take the model card's defaults.",
     model=(str, ...),
     prompt=(Texts, ...),
@@ -53,13 +53,13 @@ GenerateRequest = create_model(  # type: ignore[call-overload]
 EXTENSIONS = {o.name: o for o in GENERATION_OPTIONS if o.name in ("top_k", "repetition_penalty")}
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(StrictBody):
     """OpenAI's `/v1/completions`. `temperature: 0` (or `top_p: 0`) means greedy; `top_k` and
     `repetition_penalty` are extensions (off by default, as OpenAI has neither)."""
 
     model: str
     prompt: Texts
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)  # 0: echo-only scoring (with echo)
     temperature: float | None = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(1.0, ge=0, le=1, allow_inf_nan=False)
     n: int | None = Field(1, ge=1, le=64)
@@ -102,7 +102,7 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return name + "".join(f"[{part}]" for part in loc[1:] if isinstance(part, int))
 
 
-def parse(model: type[_Strict], data: Any) -> Any:
+def parse(model: type[StrictBody], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:

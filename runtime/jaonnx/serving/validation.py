@@ -57,6 +57,16 @@ def check_strings(data: Any) -> None:
             stack.extend((where, item) for item in value)
 
 
+def lookup(served: dict[str, Any], name: str, task: str) -> Any:
+    if name not in served:
+        raise RequestError(404, f"model {name[:80]!r} is not served here: GET /v1/models lists them", "model",
+                           "not_found_error")
+    m = served[name]
+    if m.task != task:
+        raise RequestError(400, f"model {name!r} is a {m.task} model, not {task}", "model")
+    return m
+
+
 def check_masked(model: Any, items: list[str], single: bool, top_k: int) -> None:
     masks = 0
     for i, text in enumerate(items):
@@ -101,10 +111,11 @@ def check_rows(rows: int, n: int, max_batch_size: int, n_field: str) -> None:
 
 def openai_unsupported(req: CompletionRequest) -> None:
     checks = [
-        ("logprobs", req.logprobs not in (None, 0)), ("suffix", bool(req.suffix)),
+        ("logprobs", req.logprobs is not None and bool(req.stream)), ("suffix", bool(req.suffix)),
         ("presence_penalty", bool(req.presence_penalty)), ("frequency_penalty", bool(req.frequency_penalty)),
         ("logit_bias", bool(req.logit_bias)), ("best_of", req.best_of not in (None, req.n or 1)),
     ]
     for name, bad in checks:
         if bad:
-            raise RequestError(400, f"{name} is not supported by this server: leave it out", name)
+            detail = "with stream" if name == "logprobs" else "by this server"
+            raise RequestError(400, f"{name} is not supported {detail}: leave it out", name)
