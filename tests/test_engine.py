@@ -237,3 +237,32 @@ def test_bad_requests_are_clear_errors_with_a_field(gen, call, field):
 def test_bad_max_batch_size(gen):
     with pytest.raises(JaonnxError, match="max_batch_size"):
         gen.engine(max_batch_size=0)
+
+
+def test_shipped_kv_ops_graphs_are_what_the_builder_makes():
+    """The runtime ships the KV-cache surgery graphs as package data (it does not depend on
+    `onnx`); they must be exactly what `jaonnx_export.kv_ops` builds today."""
+    from importlib import resources
+
+    from jaonnx_export.kv_ops import build_all
+
+    folder = resources.files("jaonnx.generation") / "kv_ops"
+    built = build_all()
+    assert sorted(built) == sorted(p.name for p in folder.iterdir() if p.name.endswith(".onnx"))
+    for name, data in built.items():
+        assert (folder / name).read_bytes() == data, f"{name} is stale: run python -m jaonnx_export.kv_ops"
+
+
+def test_kv_ops_merge_and_select_equal_numpy(gen):
+    """Join and leave in ONNX Runtime against the same surgery in numpy."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 2, 5, 4)).astype(np.float32)
+    b = rng.standard_normal((2, 2, 7, 4)).astype(np.float32)
+    value = lambda x: ort.OrtValue.ortvalue_from_numpy(x)  # noqa: E731
+    merged = gen.kv_ops.merge([value(a)], [value(b)])[0].numpy()
+    expected = np.concatenate([np.pad(a, [(0, 0), (0, 0), (2, 0), (0, 0)]), b])
+    np.testing.assert_array_equal(merged, expected)
+    picked = gen.kv_ops.select([value(expected)], np.array([4, 0]), 2, 6)[0].numpy()
+    np.testing.assert_array_equal(picked, expected[[4, 0]][:, :, 2:6])
