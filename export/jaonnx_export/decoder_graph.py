@@ -54,6 +54,9 @@ def supported(config: Any) -> str | None:
         return "scale_attn_weights=False is not supported by the static KV layout"
     if getattr(config, "add_cross_attention", False):
         return "cross-attention is not supported by the static KV layout"
+    head_dim = int(config.n_embd) // int(config.n_head)
+    if head_dim % 8:
+        return f"head_dim {head_dim} is not a multiple of 8, which GroupQueryAttention needs"
     if config.activation_function not in ACTIVATIONS:
         return f"activation {config.activation_function!r} is not supported by the static KV layout"
     return None
