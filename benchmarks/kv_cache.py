@@ -6,6 +6,10 @@ back as OrtValues), the static graph through StaticBatchDecoder (one buffer, wri
 Repeats are interleaved (every configuration once per round) so a slow minute hits all of them.
 
     PYTHONPATH=runtime:export python benchmarks/kv_cache.py [--layers 12] [--rounds 3] [--json out.json]
+
+`--save DIR` keeps the four graphs (weights in external files); `--load DIR` times saved ones
+without torch, e.g. on another machine after `--strip`ping the weights there and back
+(`--random-weights` refills them: decode speed does not depend on the values).
 """
 
 from __future__ import annotations
@@ -108,6 +112,47 @@ class Static:
         return int(self.decoder.step(np.array([[token]]))[0, -1].argmax())
 
 
+def _save(graphs: dict[str, tuple[Path, Any]], directory: Path) -> None:
+    import onnx
+
+    for name, (path, manifest) in graphs.items():
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        model = onnx.load(str(path))
+        onnx.save_model(model, str(directory / name / "model.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
+        (directory / name / "manifest.json").write_text(manifest.to_json())
+
+
+def _random_weights(directory: Path) -> None:
+    """Write random values into every external tensor (weights only; shapes stay inline)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    rng = np.random.default_rng(0)
+    kinds = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT8: np.int8}
+    for path in sorted(directory.glob("*/model.onnx")):
+        model = onnx.load(str(path), load_external_data=False)
+        with open(path.parent / "model.onnx.data", "wb") as data:
+            for tensor in model.graph.initializer:
+                if not uses_external_data(tensor):
+                    continue
+                info = {e.key: e.value for e in tensor.external_data}
+                dtype = kinds[tensor.data_type]
+                count = int(np.prod(tensor.dims))
+                values = (rng.integers(-60, 60, count) if dtype == np.int8 else 0.02 * rng.standard_normal(count))
+                if tensor.name.endswith("_scale"):
+                    values = np.full(count, 0.001)
+                data.seek(int(info.get("offset", 0)))
+                data.write(values.astype(dtype).tobytes())
+
+
+def _load(directory: Path) -> dict[str, tuple[Path, Any]]:
+    from jaonnx.artifact import Manifest
+
+    return {p.name: (p / "model.onnx", Manifest.from_dict(json.loads((p / "manifest.json").read_text())))
+            for p in sorted(directory.iterdir()) if (p / "manifest.json").is_file()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=12)
@@ -118,21 +163,35 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--threads", type=int, nargs="+", default=[0], help="intra-op threads (0: the default)")
+    parser.add_argument("--save", type=Path)
+    parser.add_argument("--load", type=Path)
+    parser.add_argument("--random-weights", action="store_true", help="refill the --load graphs' weights")
     args = parser.parse_args()
 
     from jaonnx.session import create_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = _models(Path(tmp), args.layers, args.hidden, args.heads, args.vocab)
+        if args.load:
+            if args.random_weights:
+                _random_weights(args.load)
+            graphs = _load(args.load)
+        else:
+            graphs = _models(Path(tmp), args.layers, args.hidden, args.heads, args.vocab)
+        if args.save:
+            _save(graphs, args.save)
+            return
         runners = {}
-        for name, (path, manifest) in graphs.items():
-            session = create_session(path, providers="cpu")
-            runners[name] = (Concat if name.startswith("concat") else Static)(session, manifest)
+        for threads in args.threads:
+            for graph, (path, manifest) in graphs.items():
+                session = create_session(path, providers="cpu", intra_op_threads=threads or None)
+                name = graph + (f"/t{threads}" if threads else "")
+                runners[name] = (Concat if graph.startswith("concat") else Static)(session, manifest)
         rng = np.random.default_rng(0)
         results: dict[str, list[float]] = {}
         for round_ in range(args.rounds):
             for context in args.contexts:
-                prompt = rng.integers(5, args.vocab, context).tolist()
+                prompt = rng.integers(5, min(m.vocab_size for _, m in graphs.values()), context).tolist()
                 for name, runner in runners.items():
                     token = runner.prefill(prompt)
                     token = runner.step(token)  # warm-up
@@ -144,11 +203,11 @@ def main() -> None:
                     results.setdefault(f"{name}@{context}", []).append(float(np.median(times)))
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
     table = {k: {"median_ms": float(np.median(v)), "min_ms": min(v), "max_ms": max(v)} for k, v in results.items()}
-    print(f"{'graph':<14}" + "".join(f"{'@' + str(c):>18}" for c in args.contexts) + "   ratio")
-    for name in graphs:
+    print(f"{'graph':<18}" + "".join(f"{'@' + str(c):>18}" for c in args.contexts) + "   ratio")
+    for name in runners:
         cells = [table[f"{name}@{c}"] for c in args.contexts]
         line = "".join(f"{c['median_ms']:8.2f} [{c['min_ms']:.1f}-{c['max_ms']:.1f}]" for c in cells)
-        print(f"{name:<14}{line}   {cells[-1]['median_ms'] / cells[0]['median_ms']:.2f}x")
+        print(f"{name:<18}{line}   {cells[-1]['median_ms'] / cells[0]['median_ms']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "ms_per_token": table},
                                         indent=2))
