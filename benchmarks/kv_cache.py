@@ -32,7 +32,6 @@ def _models(work: Path, layers: int, hidden: int, heads: int, vocab: int) -> dic
     from jaonnx.artifact import Manifest
     from jaonnx_export import decoder_graph, precision
     from jaonnx_export.architectures import ARCHITECTURES
-    from jaonnx_export.export import _untie_lm_head
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=layers, n_embd=hidden, n_head=heads, vocab_size=vocab, n_positions=1024)
@@ -66,7 +65,9 @@ def _models(work: Path, layers: int, hidden: int, heads: int, vocab: int) -> dic
     concat_manifest = manifest({n: ("float32" if n.startswith("past") else "int64") for n in inputs},
                                {n: "float32" for n in outputs}, adapter.decoder_shape(config))
     found["concat-fp32"] = (trace("concat-fp32"), concat_manifest)
-    _untie_lm_head(model)  # what export does before int8, so the concat head is quantized too
+    # What export does before int8 for the concat graph, so its head is quantized too.
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
     untied = trace("concat-untied")
     for name, src, man in (("concat-int8", untied, concat_manifest), ("static-int8", static, static_manifest)):
         dst = work / name / "model.onnx"

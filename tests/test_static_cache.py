@@ -181,8 +181,10 @@ def test_static_decoder_errors(static_artifacts: dict) -> None:
         decoder.discard(3)
     with pytest.raises(JaonnxError, match="distinct row numbers"):
         decoder.keep([1])
+    decoder.add([[5]], reserve=10**6)  # a reserve is a hint: capped at the model's positions
+    assert decoder.capacity == decoder.max_positions
     with pytest.raises(JaonnxError, match="exceed the model"):
-        decoder.add([[5]], reserve=10**6)
+        decoder.add([[5] * (decoder.max_positions + 1)], reserve=4)
     concat = read_manifest(static_artifacts["fp32"])
     concat.decoder.kv_layout = "concat"
     with pytest.raises(JaonnxError, match="--kv-cache static"):

@@ -60,7 +60,7 @@ class StaticBatchDecoder:
             raise JaonnxError("add() needs at least one prompt, each with at least one token")
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         width = int(lengths.max())
-        self._ensure(self.rows + len(prompts), max(reserve, width))
+        self._ensure(self.rows + len(prompts), width, hint=reserve)
         ids = np.zeros((len(prompts), width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
@@ -144,13 +144,15 @@ class StaticBatchDecoder:
     def _address(self, buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
 
-    def _ensure(self, slots: int, capacity: int) -> None:
-        """Grow the allocation (doubling) so `slots` rows of `capacity` positions fit."""
-        if slots <= self.slots and capacity <= self.capacity:
-            return
+    def _ensure(self, slots: int, capacity: int, hint: int = 0) -> None:
+        """Grow the allocation (doubling) so `slots` rows of `capacity` positions fit; `hint`
+        (the caller's reserve, capped at the model's positions) sizes it once for the whole run."""
         if capacity > self.max_positions:
             raise JaonnxError(f"{capacity} positions exceed the model's {self.max_positions}: shorten the prompt "
                               "or max_new_tokens")
+        capacity = max(capacity, min(hint, self.max_positions))
+        if slots <= self.slots and capacity <= self.capacity:
+            return
         new_slots = max(slots, 2 * self.slots if slots > self.slots else self.slots, 1)
         new_capacity = self.capacity
         if capacity > self.capacity:
