@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--threads", type=int, nargs="+", default=[0], help="intra-op threads (0: the default)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with process CPU time (use with --threads 1): steadier on a shared machine")
     parser.add_argument("--save", type=Path)
     parser.add_argument("--load", type=Path)
     parser.add_argument("--random-weights", action="store_true", help="refill the --load graphs' weights")
@@ -197,10 +199,11 @@ def main() -> None:
                     token = runner.prefill(prompt)
                     token = runner.step(token)  # warm-up
                     times = []
+                    clock = time.process_time if args.cpu_time else time.perf_counter
                     for _ in range(args.steps):
-                        start = time.perf_counter()
+                        start = clock()
                         token = runner.step(token)
-                        times.append((time.perf_counter() - start) * 1000)
+                        times.append((clock() - start) * 1000)
                     results.setdefault(f"{name}@{context}", []).append(float(np.median(times)))
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()), flush=True)
     table = {k: {"median_ms": float(np.median(v)), "min_ms": min(v), "max_ms": max(v)} for k, v in results.items()}
