@@ -207,3 +207,12 @@ def test_kv_cache_option_errors(twins_dir: Path, tmp_path: Path, recipe: str, va
         assert last.startswith("error: ") and needle in last, proc.stderr
         return
     assert_one_line_error(proc, needle)
+
+
+def test_artifacts_without_kv_layout_load_as_concat() -> None:
+    from jaonnx.artifact import Manifest
+
+    old = {"recipe": RECIPE, "task": "text-generation", "model_file": "model.onnx", "tokenizer_file": "spiece.model",
+           "special_ids": {}, "vocab_size": 10, "max_positions": 8, "inputs": {}, "outputs": {},
+           "decoder": {"num_layers": 1, "num_heads": 2, "head_dim": 8}}
+    assert Manifest.from_dict(old).decoder.kv_layout == "concat"
