@@ -14,6 +14,7 @@ from jaonnx.errors import JaonnxError
 from jaonnx.recipes import Recipe
 from jaonnx.tokenization import RecipeTokenizer
 
+from . import decoder_graph
 from .architectures import ARCHITECTURES
 from .sources import Source, resolve
 
@@ -23,6 +24,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # protobuf cannot hold more than 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+DEFAULT_KV_CACHE = "concat"
 
 Progress = Callable[[str], None]
 
@@ -112,13 +115,15 @@ def export(
     dtype: str = "fp32",
     optimize: bool = False,
     force: bool = False,
+    kv_cache: str | None = None,
 ) -> Manifest:
     """Export `src` (hub id or directory) to the artifact directory `out` and check parity.
 
     `quantize="int8"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and gate it
     on a quality report against PyTorch (see precision.py); `optimize` keeps ORT's offline
     transformer fusions only where they measure faster; `force` keeps an artifact that fails
-    the quality gate."""
+    the quality gate. `kv_cache` picks a decoder's cache layout ("concat" or "static", see
+    decoder_graph.py; None: the default)."""
     import torch
 
     from .parity import check_parity
@@ -135,6 +140,7 @@ def export(
     adapter = ARCHITECTURES.get(recipe.architecture)
     if adapter is None:
         raise JaonnxError(f"no exporter for {recipe.architecture}: add one to jaonnx_export.architectures")
+    static = _static_kv(kv_cache, adapter.task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -144,19 +150,34 @@ def export(
     _write_tokenizer(source, out)
     special_ids, vocab_size = _special_ids(recipe, out)
 
-    if quantize:
+    reason = decoder_graph.supported(config) if static else None
+    if reason and kv_cache == "static":
+        raise JaonnxError(f"{reason}: export with --kv-cache concat")
+    if reason:
+        step(f"{reason}: using the concat KV cache")
+        static = False
+    if quantize and not static:
         _untie_lm_head(model)
-    step("tracing the ONNX graph")
-    wrapper = adapter.wrap(model, recipe)
     inputs, outputs = adapter.names(config)
+    input_types = {name: ("float32" if name.startswith("past") else "int64") for name in inputs}
+    decoder_shape = adapter.decoder_shape(config)
+    if static:
+        input_types, output_types = decoder_graph.names(decoder_shape.num_layers)
+        inputs, outputs, decoder_shape = list(input_types), list(output_types), decoder_graph.decoder_shape(config)
+        optimize = False  # the graph is built from fused ops; the session fuses the rest
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         traced = Path(tmp) / MODEL_FILE
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper, adapter.example_inputs(config), str(traced), input_names=inputs,
-                output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
-                opset_version=OPSET, dynamo=False,
-            )
+        if static:
+            step("building the static-KV-cache decoder graph")
+            decoder_graph.build(model, traced)
+        else:
+            step("tracing the ONNX graph")
+            with torch.no_grad():
+                torch.onnx.export(
+                    adapter.wrap(model, recipe), adapter.example_inputs(config), str(traced), input_names=inputs,
+                    output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
+                    opset_version=OPSET, dynamo=False,
+                )
         step("saving model.onnx")
         data_file = _save_onnx(traced, out, external_data)
 
@@ -168,12 +189,12 @@ def export(
         special_ids=special_ids,
         vocab_size=int(config.vocab_size),
         max_positions=adapter.max_positions(config),
-        inputs={name: ("float32" if name.startswith("past") else "int64") for name in inputs},
+        inputs=input_types,
         outputs={name: "float32" for name in outputs},
         opset=OPSET,
         source=source.name,
         external_data=data_file,
-        decoder=adapter.decoder_shape(config),
+        decoder=decoder_shape,
         versions=_versions(),
     )
     step("checking parity against PyTorch")
@@ -183,6 +204,17 @@ def export(
         _convert(model, out, manifest, tokenizer, quantize, dtype, optimize, force, step)
     manifest.write(out)
     return manifest
+
+
+def _static_kv(kv_cache: str | None, task: str) -> bool:
+    """Whether to build the in-place KV-cache graph; only decoders have a cache."""
+    if kv_cache not in (None, "concat", "static"):
+        raise JaonnxError(f"--kv-cache must be static or concat, not {kv_cache!r}")
+    if task != "text-generation":
+        if kv_cache is not None:
+            raise JaonnxError(f"--kv-cache applies to text-generation models, not {task}: leave it out")
+        return False
+    return (kv_cache or DEFAULT_KV_CACHE) == "static"
 
 
 def _untie_lm_head(model: Any) -> None:

@@ -12,6 +12,8 @@ from jaonnx.errors import JaonnxError
 from jaonnx.session import create_session
 from jaonnx.tokenization import RecipeTokenizer
 
+from .decoder_graph import empty_cache, sequence_feed
+
 DEFAULT_TEXTS = [
     "4年に1度オリンピックは開かれる。",
     "大学で心理学の研究をしています。",
@@ -82,6 +84,8 @@ def empty_past(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
 def prefill_feed(manifest: Manifest, ids: list[int]) -> dict[str, np.ndarray]:
     """Decoder inputs for one prompt against an empty cache, with logits at every position."""
     n = len(ids)
+    if manifest.decoder.kv_layout == "static":
+        return sequence_feed(manifest.decoder, ids, 0, n) | empty_cache(manifest.decoder, 1, 0)
     return {
         "input_ids": np.array([ids], dtype=np.int64),
         "attention_mask": np.ones((1, n), dtype=np.int64),
@@ -112,12 +116,15 @@ def _generation_parity(model: Any, session: Any, manifest: Manifest, tokenizer: 
             total += logits.shape[1]
             nxt = int(logits[0, -1].argmax())
             sequence.append(nxt)
-            feed = {
-                "input_ids": np.array([[nxt]], dtype=np.int64),
-                "attention_mask": np.ones((1, len(sequence)), dtype=np.int64),
-                "position_ids": np.array([[len(sequence) - 1]], dtype=np.int64),
-                "logits_to_keep": np.array([1], dtype=np.int64),
-            }
+            if manifest.decoder.kv_layout == "static":  # present is the whole cache, not just past + 1
+                feed = sequence_feed(manifest.decoder, [nxt], len(sequence) - 1, 1)
+            else:
+                feed = {
+                    "input_ids": np.array([[nxt]], dtype=np.int64),
+                    "attention_mask": np.ones((1, len(sequence)), dtype=np.int64),
+                    "position_ids": np.array([[len(sequence) - 1]], dtype=np.int64),
+                    "logits_to_keep": np.array([1], dtype=np.int64),
+                }
             feed |= {name.replace("present", "past_key_values"): value for name, value in zip(present_names, present)}
     return {
         "max_abs_logit_diff": worst,

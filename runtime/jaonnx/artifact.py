@@ -25,6 +25,10 @@ class DecoderShape:
     num_layers: int
     num_heads: int
     head_dim: int
+    # "concat": past_key_values.* in, a longer present.* out every step (the traced graph).
+    # "static": GroupQueryAttention over a preallocated buffer written in place
+    # (generation/static_cache.py drives it).
+    kv_layout: str = "concat"
 
 
 @dataclass

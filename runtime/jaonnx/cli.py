@@ -105,6 +105,8 @@ def export(
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 is for CUDA).")] = "fp32",
     optimize: Annotated[bool, typer.Option("--optimize", help="ORT transformer fusions, kept only where faster.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Keep an int8/fp16 artifact below the quality gate.")] = False,
+    kv_cache: Annotated[Optional[str], typer.Option(
+        "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
 ) -> None:
     """Export a checkpoint to an ONNX artifact and check it against PyTorch."""
     if external_data not in ("auto", "always", "never"):
@@ -113,7 +115,7 @@ def export(
     with err.status("exporting") as status:
         manifest = export_module.export(
             src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
-            quantize=quantize, dtype=dtype, optimize=optimize, force=force,
+            quantize=quantize, dtype=dtype, optimize=optimize, force=force, kv_cache=kv_cache,
             progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
         )
     if as_json:
