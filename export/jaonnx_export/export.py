@@ -25,7 +25,7 @@ DATA_FILE = "model.onnx.data"
 # protobuf cannot hold more than 2 GiB; stay clear of it.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
-DEFAULT_KV_CACHE = "concat"
+DEFAULT_KV_CACHE = "static"
 
 Progress = Callable[[str], None]
 

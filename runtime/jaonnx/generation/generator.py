@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +18,7 @@ from ..recipes import GenerationDefaults
 from ..session import Providers
 from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
+from .static_cache import StaticBatchDecoder
 from .engine import GenerationEngine, RequestOutput, TokenLogprob
 from .options import check_position_budget, resolve_settings
 from .sampling import SamplingSettings
@@ -116,7 +117,6 @@ class TextGenerator(ArtifactModel):
     def __init__(self, directory: Path, manifest: Manifest, providers: Providers = "auto", **session_options: Any):
         super().__init__(directory, manifest, providers, **session_options)
         self.defaults: GenerationDefaults = self.recipe.generation
-        self.decoder = DecoderSession(self.session, manifest)
         self.eos_id = manifest.special_ids.get("eos")
 
     # ---- settings and prompts ---------------------------------------------------------------
@@ -151,12 +151,18 @@ class TextGenerator(ArtifactModel):
 
     # ---- the engine ---------------------------------------------------------------------------
     @cached_property
+    def decoder(self) -> DecoderSession:
+        """The concat-layout graph driver (shared by every batch of this model)."""
+        return DecoderSession(self.session, self.manifest)
+
+    @cached_property
     def kv_ops(self) -> KVOps:
         return KVOps(self.decoder)
 
     def new_batch(self) -> BatchDecoder:
-        """An empty running batch over this model's graph (one per engine)."""
-        return ConcatBatchDecoder(self.decoder, self.kv_ops, self.pad_id)
+        """An empty running batch over this model's graph (one per engine), for the artifact's
+        KV-cache layout."""
+        return BATCH_DECODERS[self.manifest.decoder.kv_layout](self)
 
     def engine(self, max_batch_size: int = 16) -> GenerationEngine:
         """A continuous-batching engine over this model: add_request / step / abort_request."""
@@ -264,3 +270,10 @@ class TextGenerator(ArtifactModel):
             raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
         check_position_budget(len(ids), 0, self.manifest.max_positions)
         return log_softmax(self.new_batch().logits(ids)[: len(ids) - 1])
+
+
+# KV-cache layout (manifest `decoder.kv_layout`) -> the BatchDecoder that drives it.
+BATCH_DECODERS: dict[str, Callable[[TextGenerator], BatchDecoder]] = {
+    "concat": lambda gen: ConcatBatchDecoder(gen.decoder, gen.kv_ops, gen.pad_id),
+    "static": lambda gen: StaticBatchDecoder(gen.session, gen.manifest),
+}
