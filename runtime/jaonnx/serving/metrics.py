@@ -69,7 +69,7 @@ class Metrics:
         with self._lock:
             return max(0, self._in_flight.get(name, 0) - queued)
 
-    def _flight(self, name: str, delta: int) -> None:
+    def track_in_flight(self, name: str, delta: int) -> None:
         with self._lock:
             self._in_flight[name] = self._in_flight.get(name, 0) + delta
 
@@ -85,7 +85,7 @@ class Metrics:
                 first.append(now)
                 self.ttft.labels(name).observe(now - started)
             elif kind in ("result", "error", "cancelled"):
-                self._flight(name, -1)
+                self.track_in_flight(name, -1)
                 if kind == "result":
                     self._finished(name, job, payload, now - started, now - first[0] if first else None, info)
             sink(event)
@@ -152,15 +152,15 @@ class InstrumentedWorker:
             info.model = name
             info.prompts = list(getattr(job, "prompts", None) or getattr(job, "texts", None) or []) or None
         job.sink = self.metrics.observe(name, job, info)
-        self.metrics._flight(name, +1)
+        self.metrics.track_in_flight(name, +1)
         try:
             self.worker.submit(job)
         except QueueFull:
-            self.metrics._flight(name, -1)
+            self.metrics.track_in_flight(name, -1)
             self.metrics.rejected.labels(name).inc()
             raise
         except BaseException:
-            self.metrics._flight(name, -1)
+            self.metrics.track_in_flight(name, -1)
             raise
 
 
