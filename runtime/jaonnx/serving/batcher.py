@@ -24,7 +24,8 @@ from typing import Any
 
 from ..generation import ResultCollector, SamplingSettings
 
-Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("error", exc) | ("cancelled", None)
+Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("first_token", None)
+#                          | ("error", exc) | ("cancelled", None)
 Sink = Callable[[Event], None]
 
 
@@ -304,12 +305,16 @@ class _Live:
 
     job: GenerationJob
     collector: ResultCollector
+    started: bool = False
 
     @property
     def rows(self) -> int:
         return self.job.rows
 
     def take(self, out: Any) -> None:
+        if not self.started:  # time to first token, streamed or not (metrics)
+            self.started = True
+            _send(self.job, ("first_token", None))
         row = self.collector.take(out)
         if self.job.stream and out.new_text:
             _send(self.job, ("piece", (row, out.new_text)))

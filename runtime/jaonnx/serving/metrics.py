@@ -7,8 +7,8 @@ workers' public `queued` and `stats` at scrape time; per-request timings and tok
 come from wrapping each job's event sink as it is submitted (`Metrics.instrument`), so the
 batcher needs to know nothing about metrics.
 
-Time to first token and time per output token are measured on streamed requests: only they
-report tokens as they are produced.
+Time to first token and time per output token are measured on every generation request: the
+worker reports each job's first token (a "first_token" event), streamed or not.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ class Metrics:
         self.served = served
         self.registry = CollectorRegistry(auto_describe=True)
         r, model = self.registry, ["model_name"]
-        self.ttft = Histogram("jaonnx:time_to_first_token_seconds", "Time to first token (streamed requests).",
+        self.ttft = Histogram("jaonnx:time_to_first_token_seconds", "Time to first token.",
                               model, buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("jaonnx:time_per_output_token_seconds",
-                              "Mean time per output token after the first (streamed requests).",
+                              "Mean time per output token after the first.",
                               model, buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("jaonnx:e2e_request_latency_seconds", "Model work of a request, queueing included.",
                              model, buckets=LATENCY_BUCKETS, registry=r)
@@ -81,7 +81,7 @@ class Metrics:
         def observed(event: Any) -> None:
             kind, payload = event
             now = time.perf_counter()
-            if kind == "piece" and not first:
+            if kind in ("first_token", "piece") and not first:
                 first.append(now)
                 self.ttft.labels(name).observe(now - started)
             elif kind in ("result", "error", "cancelled"):
