@@ -205,21 +205,18 @@ class GenerationEngine:
         return outputs
 
     def _forward(self) -> None:
+        """Feed every running row its last token (plus a drafted block under verification)."""
         if not self._running:
             return
-        width = max(1 + len(r.drafted) for r in self._running)
-        block = np.full((self.batch.rows, width), self._pad, dtype=np.int64)
+        last = [seq.generated[-1] if seq.generated else self._pad for req in self._running for seq in req.sequences]
+        drafted = [req.drafted for req in self._running if req.drafted]
+        if not drafted:
+            logits = self.batch.step(np.array(last, dtype=np.int64)[:, None])[:, 0]
+        else:  # prompt lookup runs for a lone request: its one row carries the block
+            logits = self.batch.step(np.array([last + drafted[0]], dtype=np.int64))
         row = 0
         for req in self._running:
-            for seq in req.sequences:
-                last = seq.generated[-1] if seq.generated else self._pad
-                block[row, 0] = last
-                block[row, 1 : 1 + len(req.drafted)] = req.drafted
-                row += 1
-        logits = self.batch.step(block)
-        row = 0
-        for req in self._running:
-            req.logits = logits[row : row + req.rows, : 1 + len(req.drafted)] if req.drafted else logits[row : row + req.rows, 0]
+            req.logits = logits[row : row + req.rows]
             row += req.rows
 
     def _admit(self) -> None:
