@@ -15,6 +15,7 @@ from jaonnx.recipes import Recipe
 from jaonnx.tokenization import RecipeTokenizer
 
 from .architectures import ARCHITECTURES
+from .genai import write_genai_files
 from .sources import Source, resolve
 
 ExternalData = Literal["auto", "always", "never"]
@@ -182,6 +183,8 @@ def export(
         from .twins import heldout_lines
 
         precision.convert(model, out, manifest, tokenizer, options, step, heldout_lines())
+    if write_genai_files(out, manifest, config):
+        step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
     manifest.write(out)
     return manifest
 
