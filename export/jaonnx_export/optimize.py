@@ -82,7 +82,7 @@ def choose_fastest(candidates: dict[str, Path], manifest: Manifest, rounds: int 
                    runs: int = RUNS_PER_ROUND) -> Decision:
     """Time every candidate (one must be "plain") in interleaved rounds; pick the fastest one
     whose gain over plain clears its margin, else plain."""
-    sessions = {name: create_session(path, providers="cpu") for name, path in candidates.items()}
+    sessions = {name: create_session(path, providers="cpu", cache=False) for name, path in candidates.items()}
     feeds = {name: timing_feed(manifest, s) for name, s in sessions.items()}
     for name, session in sessions.items():
         for _ in range(3):

@@ -60,12 +60,13 @@ def _runtime_logits(directory: Path, manifest: Manifest) -> Any:
     if manifest.task == "fill-mask":
         from jaonnx.fill_mask import FillMask
 
-        fill_mask = FillMask(directory, manifest, providers="cpu")
+        fill_mask = FillMask(directory, manifest, providers="cpu", cache=False)  # export temp files: no cache
         return lambda rows: fill_mask.logits(rows, [list(range(len(r))) for r in rows])
     from jaonnx.generation.decoder import DecoderSession
     from jaonnx.session import create_session
 
-    decoder = DecoderSession(create_session(directory / manifest.model_file, providers="cpu"), manifest)
+    session = create_session(directory / manifest.model_file, providers="cpu", cache=False)
+    decoder = DecoderSession(session, manifest)
 
     def prefill(rows: list[list[int]]) -> np.ndarray:
         (ids,) = rows
