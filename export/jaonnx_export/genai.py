@@ -40,6 +40,7 @@ def _genai_graph(out: Path, manifest: Manifest) -> bool:
     if not manifest.external_data:  # weights inline: move them out so both protos share them
         data_file = f"{manifest.model_file}.data"
         save(onnx.load(str(model_path)), model_path, data_file)
+        (out / data_file).chmod(0o644)  # as readable as model.onnx was
         manifest.external_data = data_file
         model = onnx.load(str(model_path), load_external_data=False)
         inputs = [i for i in model.graph.input if i.name != "logits_to_keep"]
