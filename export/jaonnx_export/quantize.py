@@ -35,8 +35,14 @@ PORTABLE_REDUCE_RANGE = True
 # ---- weight codecs ----------------------------------------------------------------------------
 
 
+COLUMNS = 4096  # output columns coded at a time: bounds the float temporaries of a big LM head
+
+
 def quantize_weight(weight: np.ndarray, reduce_range: bool) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per output column of a [K, N] weight: (int8 weight, fp32 scale [N])."""
+    if weight.shape[1] > COLUMNS:
+        parts = [quantize_weight(weight[:, i : i + COLUMNS], reduce_range) for i in range(0, weight.shape[1], COLUMNS)]
+        return np.concatenate([q for q, _ in parts], axis=1), np.concatenate([s for _, s in parts])
     limit = 63.0 if reduce_range else 127.0
     peak = np.abs(weight).max(axis=0).astype(np.float32)
     scale = np.where(peak > 0, peak / limit, 1.0).astype(np.float32)
@@ -49,6 +55,9 @@ def pack_int4(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, n
     (packed uint8 [N, K/block, block/2] low nibble first, fp32 scales [N, K/block],
     packed uint8 zero points [N, ceil(K/block / 2)])."""
     k, n = weight.shape
+    if n > COLUMNS:
+        parts = [pack_int4(weight[:, i : i + COLUMNS], block) for i in range(0, n, COLUMNS)]
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), dtype=np.float32)
     padded[:k] = weight
@@ -99,6 +108,8 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
     from onnx import helper, numpy_helper
 
     base = src.parent
+    if data_file and (dst.parent / data_file).resolve() == (base / data_file).resolve():
+        raise ValueError(f"quantizing {src} into its own directory would overwrite its weights")
     model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -115,6 +126,7 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
 
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
+    sink = _Sink(dst, data_file)
     dropped: set[str] = set()
     skip: set[int] = set()
     count = 0
@@ -154,14 +166,14 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
         nodes, tensors = make(node.input[0], np.ascontiguousarray(weight), bias, output, node.name or weight_name)
         del weight
         new_nodes += nodes
-        new_inits += tensors
+        new_inits += [sink.put(t) for t in tensors]
         count += 1
     kept = []
     for tensor in graph.initializer:
         if tensor.name in dropped:
             continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            tensor = numpy_helper.from_array(_array(tensor, base), tensor.name)
+            tensor = sink.put(numpy_helper.from_array(_array(tensor, base), tensor.name))
         kept.append(tensor)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -169,8 +181,44 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
     graph.initializer.extend(kept + new_inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    save(model, dst, data_file)
+    sink.close()
+    if data_file:
+        onnx.save_model(model, str(dst))  # the weights are already in data_file
+    else:
+        save(model, dst, None)
     return count
+
+
+class _Sink:
+    """Where new tensors go: straight into `data_file` beside `dst` as they are made (so only
+    one weight is ever in memory), or kept in the proto when the model has no data file."""
+
+    def __init__(self, dst: Path, data_file: str | None) -> None:
+        self.name = data_file
+        self.file = None
+        if data_file:
+            path = dst.parent / data_file
+            path.unlink(missing_ok=True)
+            self.file = open(path, "wb")  # noqa: SIM115  (closed by close())
+
+    def put(self, tensor: Any) -> Any:
+        if self.file is None or len(tensor.raw_data) < 1024:
+            return tensor
+        import onnx
+
+        offset = self.file.tell()
+        self.file.write(tensor.raw_data)
+        length = len(tensor.raw_data)
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        return tensor
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _int8_rewrite(reduce_range: bool) -> Rewrite:
