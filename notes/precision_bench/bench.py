@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT, THREADS, ROUNDS = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-CONTEXT, STEPS = 64, 32
+CONTEXT, STEPS = 64, int(os.environ.get("STEPS", "32"))
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -67,6 +67,11 @@ class Decoder:
 def genai_ms_per_token(directory: Path) -> float:
     import onnxruntime_genai as og
 
+    path = directory / "genai_config.json"
+    settings = json.loads(path.read_text())
+    settings["model"]["decoder"]["session_options"]["intra_op_num_threads"] = THREADS  # same threads as ours
+    settings["model"]["decoder"]["session_options"]["inter_op_num_threads"] = 1
+    path.write_text(json.dumps(settings))
     config = og.Config(str(directory))
     model = og.Model(config)
     params = og.GeneratorParams(model)
@@ -159,4 +164,4 @@ for key, d in list(decoders.items())[:3] + list(encoders.items())[:1]:
     cold[key] = {k: float(np.median(v)) for k, v in runs.items()} | {"first_ever": first, "cache_fill": fill}
     print(key, cold[key], flush=True)
 out["cold_start_s"] = cold
-Path(os.environ.get("OUT", "/tmp")).joinpath("bench.json").write_text(json.dumps(out, indent=1))
+Path(os.environ.get("OUT", "/tmp")).joinpath(f"bench-t{THREADS}.json").write_text(json.dumps(out, indent=1))
