@@ -104,7 +104,7 @@ def test_int8_graph_is_quantized_portably_and_smaller(converted: dict, artifacts
     # 7-bit weights: exact on every x86 CPU, VNNI or not, whatever machine exported it.
     assert _manifest(directory)["quality"]["conversion"]["reduce_range"] is True
     q = [t for t in model.graph.initializer if t.name.endswith("_int8")]
-    assert max(int(np.abs(onnx.numpy_helper.to_array(t)).max()) for t in q) <= 63
+    assert max(int(np.abs(onnx.numpy_helper.to_array(t, base_dir=str(directory))).max()) for t in q) <= 63
     size = (directory / "model.onnx").stat().st_size
     # twins are embedding-heavy (tables stay fp32, lm_head untied), so only "smaller" is promised
     assert size < (artifacts[recipe] / "model.onnx").stat().st_size
@@ -128,10 +128,16 @@ def test_int4_graph_uses_matmulnbits_with_an_int8_head(converted: dict, recipe: 
 
 
 def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) -> None:
+    """An int4 LM head with 128-blocks costs the GPT-2 twin ~9 points of top-1 (measured 0.907):
+    below the gate, so only --force keeps it, and the report says so."""
     import onnx
 
     directory = export_via_cli(twins_dir / "gpt2-small-ja", cache_dir / "precision" / "gpt2-small-ja-int4-head",
-                               "--quantize", "int4", "--lm-head", "int4", "--int4-block", "128", "--no-optimize")
+                               "--quantize", "int4", "--lm-head", "int4", "--int4-block", "128", "--no-optimize",
+                               "--force")
+    quality = _manifest(directory)["quality"]
+    assert quality["passed"] == (quality["top1_agreement"] >= 0.95)
+    assert quality["forced"] is True if not quality["passed"] else "forced" not in quality
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     assert "DynamicQuantizeMatMul" not in ops and "MatMulNBits" in ops

@@ -146,7 +146,7 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
         if make is None:
             new_nodes.append(node)
             continue
-        weight = _array(inits[weight_name], base).astype(np.float32)
+        weight = _array(inits[weight_name], base).astype(np.float32, copy=False)
         if node.op_type == "Gemm" and attrs.get("transB", 0):
             weight = weight.T
         uses[weight_name] -= 1
@@ -173,7 +173,7 @@ def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrit
         if tensor.name in dropped:
             continue
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            tensor = sink.put(numpy_helper.from_array(_array(tensor, base), tensor.name))
+            tensor = sink.copy(tensor, base) if sink.file else numpy_helper.from_array(_array(tensor, base), tensor.name)
         kept.append(tensor)
     del graph.node[:]
     graph.node.extend(new_nodes)
@@ -214,6 +214,23 @@ class _Sink:
         for key, value in (("location", self.name), ("offset", str(offset)), ("length", str(length))):
             tensor.external_data.add(key=key, value=value)
         tensor.data_location = onnx.TensorProto.EXTERNAL
+        return tensor
+
+    def copy(self, tensor: Any, base: Path, chunk: int = 64 << 20) -> Any:
+        """An untouched external tensor: its bytes copied file to file, never all in memory."""
+        info = {e.key: e.value for e in tensor.external_data}
+        offset, length = int(info.get("offset", 0)), int(info["length"])
+        start = self.file.tell()
+        with open(base / info["location"], "rb") as source:
+            source.seek(offset)
+            left = length
+            while left:
+                block = source.read(min(chunk, left))
+                self.file.write(block)
+                left -= len(block)
+        del tensor.external_data[:]
+        for key, value in (("location", self.name), ("offset", str(start)), ("length", str(length))):
+            tensor.external_data.add(key=key, value=value)
         return tensor
 
     def close(self) -> None:
