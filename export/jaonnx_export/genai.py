@@ -91,6 +91,12 @@ def write_genai_files(out: Path, manifest: Manifest, config: Any) -> Path | None
     """For a decoder artifact in `out`: genai.onnx and genai_config.json (None: not a decoder)."""
     if manifest.task != "text-generation" or manifest.decoder is None:
         return None
+    # The concat layout (past_key_values.* in, present.* out, growing each step) is what this
+    # config describes; an in-place (static/GQA) cache would need genai's shared-buffer mode.
+    if getattr(manifest.decoder, "kv_layout", "concat") != "concat" or not (
+        "past_key_values.0.key" in manifest.inputs and "present.0.key" in manifest.outputs
+    ):
+        return None
     if not _genai_graph(out, manifest):
         return None
     path = out / CONFIG_NAME

@@ -103,7 +103,8 @@ Rewrite = Callable[[str, np.ndarray, str, str, str], tuple[list[Any], list[Any]]
 
 def _rewrite_weight_products(src: Path, dst: Path, data_file: str | None, rewrite: Callable[[int, int], Rewrite | None]) -> int:
     """Replace every MatMul/Gemm with a constant 2-D weight by what `rewrite(K, N)` returns for
-    it (None: leave it), folding a following bias Add. Streams: one fp32 weight at a time."""
+    it (None: leave it), folding a following bias Add. Streams: one fp32 weight in memory at a
+    time, and with a data file every new or kept tensor goes straight to disk (_Sink)."""
     import onnx
     from onnx import helper, numpy_helper
 
