@@ -13,6 +13,12 @@ GPT = ["gpt2-small-ja", "rinna-gpt-1b"]
 ALL = MLM + GPT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ort_graph_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Sessions cache ORT-optimized graphs; keep the tests' out of the user's ~/.cache."""
+    os.environ.setdefault("JAONNX_CACHE_DIR", str(tmp_path_factory.mktemp("ort-cache")))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cached = os.environ.get("JAONNX_TEST_CACHE")

@@ -53,3 +53,48 @@ def test_session_options_reach_onnxruntime(artifacts):
     fm = jaonnx.load(artifacts["ken11-albert"], providers="cpu", intra_op_threads=1)
     assert fm.session.get_providers() == CPU_ONLY
     assert fm.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_optimized_graph_is_cached_at_first_load(artifacts, tmp_path, monkeypatch):
+    """The first CPU session writes ORT's optimized graph to the cache; the next one loads it
+    with graph optimizations off, and computes the same logits."""
+    import shutil
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from jaonnx.session import create_session
+
+    artifact = tmp_path / "artifact"
+    shutil.copytree(artifacts["rinna-roberta"], artifact)
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    feed = {"input_ids": np.array([[5, 6, 7, 8]], dtype=np.int64), "attention_mask": np.ones((1, 4), dtype=np.int64),
+            "mask_positions": np.array([[1, 2]], dtype=np.int64)}
+    first = create_session(artifact / "model.onnx", providers="cpu")
+    assert first.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    graphs = list((tmp_path / "cache").glob("*/model.onnx"))
+    assert len(graphs) == 1 and not list((tmp_path / "cache").glob("*/.*.model.onnx"))
+    second = create_session(artifact / "model.onnx", providers="cpu")
+    assert second.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    np.testing.assert_allclose(second.run(None, feed)[0], first.run(None, feed)[0], rtol=1e-5, atol=1e-5)
+
+    # A re-exported model (new mtime) is a new cache entry, never the stale graph.
+    (artifact / "model.onnx").touch()
+    assert create_session(artifact / "model.onnx", providers="cpu").get_session_options().graph_optimization_level \
+        == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert len(list((tmp_path / "cache").glob("*/model.onnx"))) == 2
+
+    # Off, or explicitly not cached: nothing is written.
+    monkeypatch.setenv("JAONNX_CACHE_DIR", "off")
+    create_session(artifact / "model.onnx", providers="cpu")
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "other"))
+    create_session(artifact / "model.onnx", providers="cpu", cache=False)
+    assert not (tmp_path / "other").exists()
+
+
+def test_unwritable_cache_still_loads(artifacts, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(blocker / "cache"))
+    fm = jaonnx.load(artifacts["ken11-albert"], providers="cpu")
+    assert fm("[MASK]です", top_k=2)

@@ -16,6 +16,7 @@ from jaonnx.tokenization import RecipeTokenizer
 
 from . import decoder_graph
 from .architectures import ARCHITECTURES
+from .genai import write_genai_files
 from .sources import Source, resolve
 
 ExternalData = Literal["auto", "always", "never"]
@@ -113,28 +114,27 @@ def export(
     *,
     quantize: str | None = None,
     dtype: str = "fp32",
-    optimize: bool = False,
+    optimize: bool | None = None,
     force: bool = False,
+    int4_block: int | None = None,
+    lm_head: str = "int8",
     kv_cache: str | None = None,
 ) -> Manifest:
     """Export `src` (hub id or directory) to the artifact directory `out` and check parity.
 
-    `quantize="int8"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and gate it
-    on a quality report against PyTorch (see precision.py); `optimize` keeps ORT's offline
-    transformer fusions only where they measure faster; `force` keeps an artifact that fails
-    the quality gate. `kv_cache` picks a decoder's cache layout ("concat" or "static", see
-    decoder_graph.py; None: the default)."""
+    `quantize="int8"`/`"int4"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and
+    gate it on a quality report against PyTorch (see precision.py); `optimize=None` keeps ORT's
+    offline transformer fusions only where they measure faster, True/False force them on/off;
+    `force` keeps an artifact that fails the quality gate. `kv_cache` picks a decoder's cache
+    layout ("concat" or "static", see decoder_graph.py; None: the default)."""
     import torch
 
+    from . import precision
     from .parity import check_parity
 
     step = progress or (lambda _msg: None)
-    if quantize not in (None, "int8"):
-        raise JaonnxError(f"--quantize must be int8, not {quantize!r}")
-    if dtype not in ("fp32", "fp16"):
-        raise JaonnxError(f"--dtype must be fp32 or fp16, not {dtype!r}")
-    if quantize and dtype != "fp32":
-        raise JaonnxError("--quantize int8 and --dtype fp16 do not combine: int8 is for CPU, fp16 for CUDA")
+    options = precision.Options(quantize, dtype, optimize, force, int4_block or precision.rewrite.INT4_BLOCK, lm_head)
+    options.check()
     source = resolve(src, recipe_id)
     recipe = source.recipe
     adapter = ARCHITECTURES.get(recipe.architecture)
@@ -164,7 +164,7 @@ def export(
     if static:
         input_types, output_types = decoder_graph.names(decoder_shape.num_layers)
         inputs, outputs, decoder_shape = list(input_types), list(output_types), decoder_graph.decoder_shape(config)
-        optimize = False  # the graph is built from fused ops; the session fuses the rest
+        optimize = options.optimize = False  # built from fused ops; timing feeds are concat-style (see notes)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         traced = Path(tmp) / MODEL_FILE
         if static:
@@ -200,8 +200,12 @@ def export(
     step("checking parity against PyTorch")
     tokenizer = RecipeTokenizer.from_file(recipe, out / recipe.tokenizer_file, special_ids)
     manifest.parity = check_parity(model, out, manifest, tokenizer, parity_texts)
-    if quantize or dtype != "fp32" or optimize:
-        _convert(model, out, manifest, tokenizer, quantize, dtype, optimize, force, step)
+    if quantize or dtype != "fp32" or optimize is not False:
+        from .twins import heldout_lines
+
+        precision.convert(model, out, manifest, tokenizer, options, step, heldout_lines())
+    if write_genai_files(out, manifest, config):
+        step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
     manifest.write(out)
     return manifest
 
@@ -228,85 +232,3 @@ def _untie_lm_head(model: Any) -> None:
         return
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
-
-
-def _convert(
-    model: Any, out: Path, manifest: Manifest, tokenizer: RecipeTokenizer, quantize: str | None, dtype: str,
-    optimize: bool, force: bool, step: Progress,
-) -> None:
-    """fp32 artifact in `out` -> (optimized) int8/fp16 artifact in `out`, with its quality report."""
-    from . import precision
-    from .twins import heldout_lines
-
-    precision_name = quantize or dtype
-    step(f"computing fp32 PyTorch reference logits on held-out text for the {precision_name} quality report")
-    reference = precision.reference_logits(model, manifest, tokenizer, heldout_lines()[: precision.QUALITY_TEXTS])
-    data_file = manifest.external_data
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        candidates = {"plain": out / MODEL_FILE}
-        optimization: dict[str, Any] = {}
-        if optimize:
-            step("running the ONNX Runtime transformer optimizer")
-            target = Path(tmp) / "optimized" / MODEL_FILE
-            target.parent.mkdir()
-            try:
-                optimization = precision.optimize_graph(out / MODEL_FILE, target, manifest, model.config)
-                candidates["optimized"] = target
-            except Exception as exc:  # the optimizer crashes on some graphs (see export-notes)
-                optimization = {"error": f"{exc.__class__.__name__}: {str(exc)[:200]}"}
-        finals: dict[str, Path] = {}
-        conversion: dict[str, Any] = {}
-        for name, path in candidates.items():
-            if precision_name == "fp32":
-                finals[name] = path
-                continue
-            target = Path(tmp) / f"{name}-{precision_name}" / MODEL_FILE
-            target.parent.mkdir()
-            step(f"converting the {name} graph to {precision_name}")
-            if quantize:
-                conversion = precision.quantize_int8(path, target, data_file)
-            else:
-                conversion = precision.convert_fp16(path, target, data_file)
-            finals[name] = target
-        chosen = "plain"
-        if "optimized" in finals:
-            timings: dict[str, float] = {}
-            for name, path in finals.items():
-                try:
-                    timings[name] = precision.time_graph(path, manifest)
-                except JaonnxError as exc:  # e.g. fused nodes the fp16 converter cannot cast around
-                    optimization["error"] = str(exc)[:300]
-                    timings[name] = float("inf")
-            faster = timings["optimized"] < 0.97 * timings["plain"]
-            chosen = "optimized" if faster else "plain"
-            optimization |= {"applied": faster, "cpu_ms": {k: (v if v != float("inf") else None) for k, v in timings.items()},
-                             "note": "kept only when >3% faster than the session's own optimizations"}
-            step(f"optimizer: {timings['plain']:.2f} ms plain vs {timings['optimized']:.2f} ms optimized "
-                 f"-> {'kept' if faster else 'dropped'}; fusions {optimization.get('fusions', {})}")
-        elif optimization:
-            optimization["applied"] = False
-        source_file = finals[chosen]
-        if source_file != out / MODEL_FILE:
-            for stale in (out / MODEL_FILE, out / DATA_FILE):
-                stale.unlink(missing_ok=True)
-            shutil.move(str(source_file), out / MODEL_FILE)
-            moved_data = source_file.parent / DATA_FILE
-            if moved_data.exists():
-                shutil.move(str(moved_data), out / DATA_FILE)
-            manifest.external_data = DATA_FILE if (out / DATA_FILE).exists() else None
-    manifest.inputs, manifest.outputs = precision.io_dtypes(out / MODEL_FILE)
-    manifest.dtype = dtype
-    manifest.quantization = quantize
-    step(f"checking {precision_name} quality against PyTorch on held-out text")
-    report = precision.quality_report(out / MODEL_FILE, reference, manifest.inputs)
-    report = {"precision": precision_name, **report, **({"conversion": conversion} if conversion else {})}
-    if optimization:
-        report["optimization"] = optimization
-    step(precision.describe(report))
-    try:
-        precision.gate(report, precision_name, force)
-    except JaonnxError:
-        for stale in (out / MODEL_FILE, out / DATA_FILE, out / "jaonnx.json"):
-            stale.unlink(missing_ok=True)
-        raise
-    manifest.quality = report

@@ -139,7 +139,7 @@ def check_parity(
     model: Any, out: Path, manifest: Manifest, tokenizer: RecipeTokenizer, texts: list[str] | None = None
 ) -> dict:
     texts = texts or DEFAULT_TEXTS
-    session = create_session(out / manifest.model_file, providers="cpu")
+    session = create_session(out / manifest.model_file, providers="cpu", cache=False)
     if manifest.task == "fill-mask":
         report = _fill_mask_parity(model, session, tokenizer, texts)
     else:

@@ -101,10 +101,13 @@ def export(
     recipe: Annotated[Optional[str], typer.Option(help="Recipe id; detected from the checkpoint when omitted.")] = None,
     external_data: Annotated[str, typer.Option(help="auto | always | never: weights in model.onnx.data.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="int8: dynamic int8 weights, for CPU.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="int8 | int4: quantized weights, for CPU.")] = None,
     dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 is for CUDA).")] = "fp32",
-    optimize: Annotated[bool, typer.Option("--optimize", help="ORT transformer fusions, kept only where faster.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Keep an int8/fp16 artifact below the quality gate.")] = False,
+    optimize: Annotated[Optional[bool], typer.Option(
+        "--optimize/--no-optimize", help="ORT transformer fusions: on / off (default: kept only where measured faster).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Keep a converted artifact below the quality gate.")] = False,
+    int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default 32).")] = None,
+    lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
     kv_cache: Annotated[Optional[str], typer.Option(
         "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
 ) -> None:
@@ -116,7 +119,7 @@ def export(
         manifest = export_module.export(
             src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
             quantize=quantize, dtype=dtype, optimize=optimize, force=force, kv_cache=kv_cache,
-            progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
+            int4_block=int4_block, lm_head=lm_head, progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
         )
     if as_json:
         sys.stdout.write(manifest.to_json() + "\n")

@@ -68,10 +68,14 @@ class FillMask(ArtifactModel):
         return [p for p, t in enumerate(ids) if t == self.tokenizer.mask_id]
 
     def _run(self, rows: list[list[int]]) -> np.ndarray:
-        """Right-padded batch -> logits [rows, masks, vocab] at each row's mask positions
-        (rows with fewer masks repeat position 0, whose logits are ignored)."""
+        return self.logits(rows)
+
+    def logits(self, rows: list[list[int]], positions: list[list[int]] | None = None) -> np.ndarray:
+        """Right-padded batch of token ids -> logits [rows, positions, vocab] at each row's mask
+        positions, or at `positions` (the export's quality report asks for every position).
+        Rows with fewer positions repeat position 0, whose logits are ignored."""
         width = max(map(len, rows))
-        masks = [self._mask_positions(row) for row in rows]
+        masks = positions if positions is not None else [self._mask_positions(row) for row in rows]
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         attention = np.zeros((len(rows), width), dtype=np.int64)
         positions = np.zeros((len(rows), max(map(len, masks))), dtype=np.int64)
