@@ -168,12 +168,17 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--soak-s", type=float, default=300)
     parser.add_argument("--note", default="")
+    parser.add_argument("--parts", default="join,http,soak", help="which parts to run; the others are read "
+                        "from an earlier engine.json (the soak measures RSS, not speed: it may share the machine)")
     args = parser.parse_args()
     artifact = args.artifact or Path(os.environ.get("JAONNX_TEST_CACHE", "")) / "artifacts" / "rinna-gpt-1b"
-    join = join_cost(artifact, rows=32, context=64, repeats=20)
+    parts = set(args.parts.split(","))
+    old = json.loads((RESULTS / "engine.json").read_text()) if (RESULTS / "engine.json").is_file() else {}
+    join = join_cost(artifact, rows=32, context=64, repeats=20) if "join" in parts else old["join"]
     print(join, flush=True)
-    levels = http_levels(args.before, artifact, [int(x) for x in args.levels.split(",")], args.repeats, args.new_tokens)
-    soaked = soak(artifact, args.soak_s, max_batch=16)
+    levels = (http_levels(args.before, artifact, [int(x) for x in args.levels.split(",")], args.repeats,
+                          args.new_tokens) if "http" in parts else old["levels"])
+    soaked = soak(artifact, args.soak_s, max_batch=16) if "soak" in parts else old["soak"]
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "model": artifact.name, "note": args.note}
     RESULTS.mkdir(exist_ok=True)
