@@ -1,28 +1,29 @@
-"""Source checkpoint -> self-contained artifact directory (model.onnx, tokenizer, jaonnx.json)."""
+"""Source checkpoint -> self-contained artifact directory (model.onnx, tokenizer, jaonnx.json).
+
+`export()` reads as its steps. Memory: every PyTorch reference output is computed first,
+then the graph is traced, then the PyTorch model is freed before any ONNX Runtime session
+or conversion opens the graph, so the weights are never held twice by the two frameworks.
+Atomicity: everything is built in a scratch directory and swapped in after all checks pass.
+"""
 
 from __future__ import annotations
 
+import gc
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
-from jaonnx.recipes import Recipe
-from jaonnx.tokenization import RecipeTokenizer
+from jaonnx.tokenization import RecipeTokenizer, load_backend
 
-from .architectures import ARCHITECTURES
+from . import consistency
+from .architectures import ARCHITECTURES, Adapter
+from .onnx_files import MODEL_FILE, OPSET, ExternalData, save, trace
 from .sources import Source, resolve
-
-ExternalData = Literal["auto", "always", "never"]
-OPSET = 18
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-# protobuf cannot hold more than 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+from .staging import Staging
 
 Progress = Callable[[str], None]
 
@@ -38,6 +39,24 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _check_options(quantize: str | None, dtype: str, parity_atol: float | None) -> None:
+    if quantize not in (None, "int8"):
+        raise JaonnxError(f"--quantize must be int8, not {quantize!r}")
+    if dtype not in ("fp32", "fp16"):
+        raise JaonnxError(f"--dtype must be fp32 or fp16, not {dtype!r}")
+    if quantize and dtype != "fp32":
+        raise JaonnxError("--quantize int8 and --dtype fp16 do not combine: int8 is for CPU, fp16 for CUDA")
+    if parity_atol is not None and not parity_atol > 0:
+        raise JaonnxError(f"--parity-atol must be a positive number, not {parity_atol!r}")
+
+
+def _adapter(source: Source) -> Adapter:
+    adapter = ARCHITECTURES.get(source.recipe.architecture)
+    if adapter is None:
+        raise JaonnxError(f"no exporter for {source.recipe.architecture}: add one to jaonnx_export.architectures")
+    return adapter
+
+
 def _load_model(source: Source) -> Any:
     import torch
     import transformers
@@ -45,16 +64,16 @@ def _load_model(source: Source) -> Any:
     model_class = getattr(transformers, source.recipe.architecture)
     try:
         model = model_class.from_pretrained(source.directory, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise JaonnxError(f"cannot load {source.name} as {model_class.__name__}: {first}") from None
     return model.eval()
 
 
-def _write_tokenizer(source: Source, out: Path) -> None:
+def _write_tokenizer(source: Source, work: Path) -> None:
     """Copy the sentencepiece model, or have transformers write its exact tokenizer.json."""
     recipe = source.recipe
-    target = out / recipe.tokenizer_file
+    target = work / recipe.tokenizer_file
     if recipe.tokenizer_backend == "sentencepiece":
         found = source.directory / recipe.tokenizer_file
         if not found.is_file():
@@ -63,41 +82,11 @@ def _write_tokenizer(source: Source, out: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    except (OSError, ValueError) as exc:
+        raise JaonnxError(f"cannot load the tokenizer of {source.name}: {str(exc).strip()[:200]}") from None
     tokenizer.backend_tokenizer.save(str(target))
-
-
-def _special_ids(recipe: Recipe, out: Path) -> tuple[dict[str, int], int]:
-    from jaonnx.tokenization import load_backend
-
-    backend = load_backend(recipe.tokenizer_backend, out / recipe.tokenizer_file)
-    ids = {}
-    for role, token in recipe.special.items():
-        token_id = backend.piece_to_id(token)
-        if token_id is None:
-            raise JaonnxError(f"the tokenizer has no {token!r} ({role}), which recipe {recipe.id} needs")
-        ids[role] = token_id
-    return ids, backend.vocab_size
-
-
-def _save_onnx(traced: Path, out: Path, external_data: ExternalData) -> str | None:
-    """Re-save the traced graph as model.onnx, with all weights in one relative data file
-    when it is large or when asked (the legacy exporter would scatter hundreds of files)."""
-    import onnx
-
-    model = onnx.load(str(traced), load_external_data=True)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    use_external = external_data == "always" or (external_data == "auto" and size > EXTERNAL_DATA_THRESHOLD)
-    for stale in (out / MODEL_FILE, out / DATA_FILE):
-        stale.unlink(missing_ok=True)
-    if use_external:
-        onnx.save_model(
-            model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=DATA_FILE, size_threshold=1024,
-        )
-        return DATA_FILE
-    onnx.save_model(model, str(out / MODEL_FILE))
-    return None
 
 
 def export(
@@ -112,169 +101,82 @@ def export(
     dtype: str = "fp32",
     optimize: bool = False,
     force: bool = False,
+    parity_atol: float | None = None,
 ) -> Manifest:
     """Export `src` (hub id or directory) to the artifact directory `out` and check parity.
 
     `quantize="int8"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and gate it
     on a quality report against PyTorch (see precision.py); `optimize` keeps ORT's offline
     transformer fusions only where they measure faster; `force` keeps an artifact that fails
-    the quality gate."""
-    import torch
-
+    the quality gate; `parity_atol` overrides the parity tolerance (recorded in the manifest).
+    `out` changes only if every check passes."""
     from .parity import check_parity
+    from .references import parity_reference
 
     step = progress or (lambda _msg: None)
-    if quantize not in (None, "int8"):
-        raise JaonnxError(f"--quantize must be int8, not {quantize!r}")
-    if dtype not in ("fp32", "fp16"):
-        raise JaonnxError(f"--dtype must be fp32 or fp16, not {dtype!r}")
-    if quantize and dtype != "fp32":
-        raise JaonnxError("--quantize int8 and --dtype fp16 do not combine: int8 is for CPU, fp16 for CUDA")
+    _check_options(quantize, dtype, parity_atol)
     source = resolve(src, recipe_id)
-    recipe = source.recipe
-    adapter = ARCHITECTURES.get(recipe.architecture)
-    if adapter is None:
-        raise JaonnxError(f"no exporter for {recipe.architecture}: add one to jaonnx_export.architectures")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    recipe, adapter = source.recipe, _adapter(source)
+    convert = bool(quantize or dtype != "fp32" or optimize)
 
-    step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
-    model = _load_model(source)
-    config = model.config
-    _write_tokenizer(source, out)
-    special_ids, vocab_size = _special_ids(recipe, out)
+    with Staging(Path(out)) as stage:
+        work = stage.work
+        step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
+        model = _load_model(source)
+        config = model.config
 
-    if quantize:
-        _untie_lm_head(model)
-    step("tracing the ONNX graph")
-    wrapper = adapter.wrap(model, recipe)
-    inputs, outputs = adapter.names(config)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        traced = Path(tmp) / MODEL_FILE
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper, adapter.example_inputs(config), str(traced), input_names=inputs,
-                output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
-                opset_version=OPSET, dynamo=False,
-            )
+        step("checking the tokenizer and special tokens against the checkpoint")
+        _write_tokenizer(source, work)
+        backend = load_backend(recipe.tokenizer_backend, work / recipe.tokenizer_file)
+        checks = consistency.check_vocab(source, int(config.vocab_size), backend.vocab_size)
+        special_ids, found = consistency.special_ids(source, recipe, backend, config)
+        checks |= found | consistency.generation_report(source, recipe)
+        if line := consistency.describe_generation(checks):
+            step(line)
+        tokenizer = RecipeTokenizer(recipe, backend, special_ids)
+        inputs, outputs = adapter.names(config)
+        manifest = Manifest(
+            recipe=recipe.id, task=adapter.task, model_file=MODEL_FILE, tokenizer_file=recipe.tokenizer_file,
+            special_ids=special_ids, vocab_size=int(config.vocab_size), max_positions=adapter.max_positions(config),
+            inputs={name: ("float32" if name.startswith("past") else "int64") for name in inputs},
+            outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
+            decoder=adapter.decoder_shape(config), versions=_versions(), recipe_spec=recipe,
+            tokenizer_size=backend.vocab_size, checks=checks,
+        )
+
+        step("computing PyTorch reference logits")
+        parity_ref = parity_reference(model, tokenizer, adapter.task, parity_texts)
+        quality_ref = _quality_reference(model, manifest, tokenizer, quantize, dtype) if convert else None
+
+        step("tracing the ONNX graph")
+        if quantize:
+            from .conversion import untie_lm_head
+
+            untie_lm_head(model)
+        traced = work / ".traced" / MODEL_FILE
+        traced.parent.mkdir()
+        trace(adapter.wrap(model, recipe), adapter, config, traced)
+        del model
+        gc.collect()  # free the PyTorch weights before ONNX Runtime loads its copy
+
         step("saving model.onnx")
-        data_file = _save_onnx(traced, out, external_data)
+        manifest.external_data = save(traced, work, external_data)
+        shutil.rmtree(traced.parent)
 
-    manifest = Manifest(
-        recipe=recipe.id,
-        task=adapter.task,
-        model_file=MODEL_FILE,
-        tokenizer_file=recipe.tokenizer_file,
-        special_ids=special_ids,
-        vocab_size=int(config.vocab_size),
-        max_positions=adapter.max_positions(config),
-        inputs={name: ("float32" if name.startswith("past") else "int64") for name in inputs},
-        outputs={name: "float32" for name in outputs},
-        opset=OPSET,
-        source=source.name,
-        external_data=data_file,
-        decoder=adapter.decoder_shape(config),
-        versions=_versions(),
-    )
-    step("checking parity against PyTorch")
-    tokenizer = RecipeTokenizer.from_file(recipe, out / recipe.tokenizer_file, special_ids)
-    manifest.parity = check_parity(model, out, manifest, tokenizer, parity_texts)
-    if quantize or dtype != "fp32" or optimize:
-        _convert(model, out, manifest, tokenizer, quantize, dtype, optimize, force, step)
-    manifest.write(out)
+        step("checking parity against PyTorch")
+        manifest.parity = check_parity(work, manifest, parity_ref, parity_atol)
+        if convert:
+            from .conversion import convert as convert_graph
+
+            convert_graph(config, quality_ref, work, manifest, quantize, dtype, optimize, force, step)
+        manifest.write(work)
+        stage.commit()
     return manifest
 
 
-def _untie_lm_head(model: Any) -> None:
-    """Give the LM head its own copy of a tied embedding: a head that reads the shared table
-    (through a Transpose) is left fp32 by int8 quantization, which halves int8 decode speed."""
-    import torch
-
-    head = model.get_output_embeddings()
-    embeddings = model.get_input_embeddings()
-    if head is None or embeddings is None or head.weight is not embeddings.weight:
-        return
-    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-
-
-def _convert(
-    model: Any, out: Path, manifest: Manifest, tokenizer: RecipeTokenizer, quantize: str | None, dtype: str,
-    optimize: bool, force: bool, step: Progress,
-) -> None:
-    """fp32 artifact in `out` -> (optimized) int8/fp16 artifact in `out`, with its quality report."""
+def _quality_reference(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer, quantize: str | None, dtype: str) -> Any:
+    """fp32 PyTorch logits on held-out text for the int8/fp16 quality report."""
     from . import precision
-    from .twins import heldout_lines
+    from .corpus import heldout_lines
 
-    precision_name = quantize or dtype
-    step(f"computing fp32 PyTorch reference logits on held-out text for the {precision_name} quality report")
-    reference = precision.reference_logits(model, manifest, tokenizer, heldout_lines()[: precision.QUALITY_TEXTS])
-    data_file = manifest.external_data
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        candidates = {"plain": out / MODEL_FILE}
-        optimization: dict[str, Any] = {}
-        if optimize:
-            step("running the ONNX Runtime transformer optimizer")
-            target = Path(tmp) / "optimized" / MODEL_FILE
-            target.parent.mkdir()
-            try:
-                optimization = precision.optimize_graph(out / MODEL_FILE, target, manifest, model.config)
-                candidates["optimized"] = target
-            except Exception as exc:  # the optimizer crashes on some graphs (see export-notes)
-                optimization = {"error": f"{exc.__class__.__name__}: {str(exc)[:200]}"}
-        finals: dict[str, Path] = {}
-        conversion: dict[str, Any] = {}
-        for name, path in candidates.items():
-            if precision_name == "fp32":
-                finals[name] = path
-                continue
-            target = Path(tmp) / f"{name}-{precision_name}" / MODEL_FILE
-            target.parent.mkdir()
-            step(f"converting the {name} graph to {precision_name}")
-            if quantize:
-                conversion = precision.quantize_int8(path, target, data_file)
-            else:
-                conversion = precision.convert_fp16(path, target, data_file)
-            finals[name] = target
-        chosen = "plain"
-        if "optimized" in finals:
-            timings: dict[str, float] = {}
-            for name, path in finals.items():
-                try:
-                    timings[name] = precision.time_graph(path, manifest)
-                except JaonnxError as exc:  # e.g. fused nodes the fp16 converter cannot cast around
-                    optimization["error"] = str(exc)[:300]
-                    timings[name] = float("inf")
-            faster = timings["optimized"] < 0.97 * timings["plain"]
-            chosen = "optimized" if faster else "plain"
-            optimization |= {"applied": faster, "cpu_ms": {k: (v if v != float("inf") else None) for k, v in timings.items()},
-                             "note": "kept only when >3% faster than the session's own optimizations"}
-            step(f"optimizer: {timings['plain']:.2f} ms plain vs {timings['optimized']:.2f} ms optimized "
-                 f"-> {'kept' if faster else 'dropped'}; fusions {optimization.get('fusions', {})}")
-        elif optimization:
-            optimization["applied"] = False
-        source_file = finals[chosen]
-        if source_file != out / MODEL_FILE:
-            for stale in (out / MODEL_FILE, out / DATA_FILE):
-                stale.unlink(missing_ok=True)
-            shutil.move(str(source_file), out / MODEL_FILE)
-            moved_data = source_file.parent / DATA_FILE
-            if moved_data.exists():
-                shutil.move(str(moved_data), out / DATA_FILE)
-            manifest.external_data = DATA_FILE if (out / DATA_FILE).exists() else None
-    manifest.inputs, manifest.outputs = precision.io_dtypes(out / MODEL_FILE)
-    manifest.dtype = dtype
-    manifest.quantization = quantize
-    step(f"checking {precision_name} quality against PyTorch on held-out text")
-    report = precision.quality_report(out / MODEL_FILE, reference, manifest.inputs)
-    report = {"precision": precision_name, **report, **({"conversion": conversion} if conversion else {})}
-    if optimization:
-        report["optimization"] = optimization
-    step(precision.describe(report))
-    try:
-        precision.gate(report, precision_name, force)
-    except JaonnxError:
-        for stale in (out / MODEL_FILE, out / DATA_FILE, out / "jaonnx.json"):
-            stale.unlink(missing_ok=True)
-        raise
-    manifest.quality = report
+    return precision.reference_logits(model, manifest, tokenizer, heldout_lines()[: precision.QUALITY_TEXTS])
