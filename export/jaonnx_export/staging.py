@@ -6,6 +6,7 @@ export leaves the previous artifact exactly as it was, and still loadable.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,9 @@ class Staging:
             )
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.work = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the artifact private
         self.committed = False
 
     def __enter__(self) -> Staging:
