@@ -81,7 +81,7 @@ def parity_reference(model: Any, tokenizer: RecipeTokenizer, task: str, texts: l
         ref.prompt_lengths.append(len(sequence))
         with torch.no_grad():
             for _ in range(DECODE_STEPS):
-                nxt = model(input_ids=torch.tensor([sequence])).logits[0, -1]
+                nxt = model(input_ids=torch.tensor([sequence])).logits[0, -1, : tokenizer.vocab_size]
                 sequence.append(int(nxt.argmax()))
             ref.logits.append(model(input_ids=torch.tensor([sequence])).logits[0].numpy())
         ref.rows.append(sequence)

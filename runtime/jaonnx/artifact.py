@@ -83,6 +83,18 @@ class Manifest:
                 raise FieldError(f"manifest file name {name!r} must be a plain file inside the artifact")
         if manifest.task == "text-generation" and manifest.decoder is None:
             raise FieldError("manifest.decoder is missing for a text-generation artifact")
+        sizes = {"vocab_size": manifest.vocab_size, "max_positions": manifest.max_positions,
+                 "tokenizer_size": manifest.tokenizer_size or 1,
+                 **({f"decoder.{k}": v for k, v in asdict(manifest.decoder).items()} if manifest.decoder else {})}
+        bad = [name for name, value in sizes.items() if value < 1]
+        if bad:
+            raise FieldError(f"manifest.{bad[0]} must be positive")
+        if manifest.tokenizer_size is not None and manifest.tokenizer_size > manifest.vocab_size:
+            raise FieldError("manifest.tokenizer_size is larger than manifest.vocab_size")
+        if manifest.recipe_spec is not None and (manifest.recipe_spec.id, manifest.recipe_spec.task) != (
+            manifest.recipe, manifest.task
+        ):
+            raise FieldError("manifest.recipe_spec does not match manifest.recipe and manifest.task")
         return manifest
 
 

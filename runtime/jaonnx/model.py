@@ -23,7 +23,17 @@ class ArtifactModel:
         )
         self._check_tokenizer()
         self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
+        self._check_graph()
         self.pad_id = manifest.special_ids.get("pad", 0)
+
+    def _check_graph(self) -> None:
+        """The graph's inputs and outputs must be the ones the manifest lists."""
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if (sorted(names[0]), sorted(names[1])) != (sorted(self.manifest.inputs), sorted(self.manifest.outputs)):
+            raise JaonnxError(
+                f"{self.directory / self.manifest.model_file} does not have the inputs and outputs "
+                f"{self.directory / 'jaonnx.json'} lists: re-run `jaonnx export`"
+            )
 
     def _check_tokenizer(self) -> None:
         """The tokenizer file must be the one the manifest describes (ids in range, same size)."""
