@@ -121,14 +121,15 @@ def read_manifest(directory: str | Path) -> Manifest:
     version = data.get("format_version", 1) if isinstance(data, dict) else None
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise JaonnxError(f"{path} has format {version}, newer than this jaonnx reads: upgrade jaonnx")
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, str) and task not in TASKS:
+        raise JaonnxError(f"artifact task {task!r} is not supported by this jaonnx: upgrade it")
     try:
         manifest = Manifest.from_dict(data)
     except FieldError as exc:
         raise JaonnxError(f"{path} is corrupt ({exc}): re-run `jaonnx export`") from None
     if manifest.format_version not in READABLE_FORMATS:
         raise JaonnxError(f"{path} has format {manifest.format_version}, which no jaonnx wrote: re-run `jaonnx export`")
-    if manifest.task not in TASKS:
-        raise JaonnxError(f"artifact task {manifest.task!r} is not supported by this jaonnx: upgrade it")
     manifest.recipe_obj  # format 1 with an unknown recipe -> JaonnxError
     needed = [manifest.model_file, manifest.tokenizer_file]
     if manifest.external_data:

@@ -40,7 +40,12 @@ def check(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if origin in (Union, types.UnionType):
-        for option in get_args(hint):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        if len(options) == 1:  # X | None with a value: X's own, more precise, error
+            return check(value, options[0], where)
+        for option in options:
             try:
                 return check(value, option, where)
             except FieldError:
