@@ -111,7 +111,6 @@ def export(
     the quality gate; `parity_atol` overrides the parity tolerance (recorded in the manifest).
     `out` changes only if every check passes."""
     from .parity import check_parity
-    from .references import parity_reference
 
     step = progress or (lambda _msg: None)
     _check_options(quantize, dtype, parity_atol)
@@ -134,18 +133,17 @@ def export(
         if line := consistency.describe_generation(checks):
             step(line)
         tokenizer = RecipeTokenizer(recipe, backend, special_ids)
-        inputs, outputs = adapter.names(config)
+        outputs = adapter.names(config)[1]
         manifest = Manifest(
             recipe=recipe.id, task=adapter.task, model_file=MODEL_FILE, tokenizer_file=recipe.tokenizer_file,
             special_ids=special_ids, vocab_size=int(config.vocab_size), max_positions=adapter.max_positions(config),
-            inputs={name: ("float32" if name.startswith("past") else "int64") for name in inputs},
-            outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
+            inputs=adapter.input_dtypes(config), outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
             decoder=adapter.decoder_shape(config), versions=_versions(), recipe_spec=recipe,
             tokenizer_size=backend.vocab_size, checks=checks,
         )
 
         step("computing PyTorch reference logits")
-        parity_ref = parity_reference(model, tokenizer, adapter.task, parity_texts)
+        parity_ref = adapter.parity_reference(model, tokenizer, parity_texts)
         quality_ref = _quality_reference(model, manifest, tokenizer, quantize, dtype) if convert else None
 
         step("tracing the ONNX graph")
@@ -164,7 +162,7 @@ def export(
         shutil.rmtree(traced.parent)
 
         step("checking parity against PyTorch")
-        manifest.parity = check_parity(work, manifest, parity_ref, parity_atol)
+        manifest.parity = check_parity(adapter, work, manifest, parity_ref, parity_atol)
         if convert:
             from .conversion import convert as convert_graph
 

@@ -28,7 +28,7 @@ def tolerance(reference: list[np.ndarray]) -> float:
     return max(1e-3, 1e-4 * max(float(np.abs(r).max()) for r in reference))
 
 
-def _fill_mask_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
+def fill_mask_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
     from jaonnx.fill_mask import FillMask
 
     fm = FillMask(directory, manifest, providers="cpu")
@@ -39,7 +39,7 @@ def _fill_mask_logits(directory: Path, manifest: Manifest, ref: ParityReference)
     return [logits[i, : len(r)] for i, r in enumerate(rows)]
 
 
-def _generation_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
+def generation_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
     """Prefill each prompt, then feed the reference's greedy tokens one at a time through the cache."""
     from jaonnx.generation.decoder import DecoderSession
     from jaonnx.session import create_session
@@ -55,12 +55,11 @@ def _generation_logits(directory: Path, manifest: Manifest, ref: ParityReference
     return found
 
 
-def check_parity(directory: Path, manifest: Manifest, ref: ParityReference, atol: float | None = None) -> dict[str, Any]:
+def check_parity(
+    adapter: Any, directory: Path, manifest: Manifest, ref: ParityReference, atol: float | None = None
+) -> dict[str, Any]:
     """Max |logit diff| and top-1 agreement; above the tolerance (or `atol`) is an error."""
-    if ref.task == "fill-mask":
-        found = _fill_mask_logits(directory, manifest, ref)
-    else:
-        found = _generation_logits(directory, manifest, ref)
+    found = adapter.runtime_logits(directory, manifest, ref)
     # Only ids the tokenizer can decode: the runtime masks the rest of a padded table.
     cut = manifest.tokenizer_size
     found = [f[..., :cut] for f in found]
@@ -76,7 +75,7 @@ def check_parity(directory: Path, manifest: Manifest, ref: ParityReference, atol
         "tolerance": limit,
         "tolerance_source": "default (1e-4 of the logit scale, at least 1e-3)" if atol is None else "--parity-atol",
     }
-    if ref.task != "fill-mask":
+    if ref.prompt_lengths:
         report["decode_steps"] = DECODE_STEPS
     if worst > limit:
         raise JaonnxError(

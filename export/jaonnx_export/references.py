@@ -62,21 +62,23 @@ def right_padded(rows: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarra
     return input_ids, mask
 
 
-def parity_reference(model: Any, tokenizer: RecipeTokenizer, task: str, texts: list[str] | None = None) -> ParityReference:
-    """PyTorch logits for the parity check. Fill-mask: each text with a typed mask, encoded by
-    the runtime's tokenizer, in one right-padded batch. Generation: each prompt extended by
-    DECODE_STEPS greedy tokens, with the logits of every position (one causal forward)."""
+def fill_mask_reference(model: Any, tokenizer: RecipeTokenizer, texts: list[str] | None = None) -> ParityReference:
+    """Each text with a typed mask, encoded by the runtime's tokenizer, in one right-padded
+    batch: PyTorch logits at every real position."""
+    texts = [with_mask(t, tokenizer.mask_token or "[MASK]") for t in texts or DEFAULT_TEXTS]
+    rows = [tokenizer.encode_masked(t) for t in texts]
+    input_ids, mask = right_padded(rows, tokenizer.special_ids.get("pad", 0))
+    logits = torch_masked_lm(model, tokenizer.recipe, input_ids, mask)
+    return ParityReference("fill-mask", texts, rows, logits=[logits[i, : len(r)] for i, r in enumerate(rows)])
+
+
+def generation_reference(model: Any, tokenizer: RecipeTokenizer, texts: list[str] | None = None) -> ParityReference:
+    """Each prompt extended by DECODE_STEPS greedy tokens (never an id the tokenizer lacks),
+    with the logits of every position from one causal forward."""
     import torch
 
-    texts = list(texts or DEFAULT_TEXTS)
-    if task == "fill-mask":
-        texts = [with_mask(t, tokenizer.mask_token or "[MASK]") for t in texts]
-        rows = [tokenizer.encode_masked(t) for t in texts]
-        input_ids, mask = right_padded(rows, tokenizer.special_ids.get("pad", 0))
-        logits = torch_masked_lm(model, tokenizer.recipe, input_ids, mask)
-        return ParityReference(task, texts, rows, logits=[logits[i, : len(r)] for i, r in enumerate(rows)])
-    ref = ParityReference(task, texts, [])
-    for text in texts:
+    ref = ParityReference("text-generation", list(texts or DEFAULT_TEXTS), [])
+    for text in ref.texts:
         sequence = tokenizer.encode_text(text)
         ref.prompt_lengths.append(len(sequence))
         with torch.no_grad():

@@ -42,6 +42,19 @@ def probe_inputs(adapter, config) -> tuple[torch.Tensor, ...]:
             torch.arange(past, past + new).expand(batch, new).contiguous(), torch.tensor([new]), *cache)
 
 
+def dynamic_shapes(adapter, config) -> tuple:
+    """dynamo's form of the adapter's dynamic axes: mirrors forward()'s arguments, with the
+    decoder's `*past` as one nested tuple; Dim.AUTO lets torch.export relate past + new."""
+    from torch.export import Dim
+
+    inputs = adapter.names(config)[0]
+    axes = adapter.dynamic_axes(config)
+    spec = [{axis: Dim.AUTO for axis in axes[name]} if name in axes else None for name in inputs]
+    if adapter.task == "fill-mask":
+        return tuple(spec)
+    return (*spec[:4], tuple(spec[4:]))
+
+
 def run(twin: Path, dynamo: bool) -> dict:
     source = resolve(str(twin))
     model = _load_model(source)
@@ -55,9 +68,10 @@ def run(twin: Path, dynamo: bool) -> dict:
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                shapes = {"dynamic_shapes": dynamic_shapes(adapter, config)} if dynamo else {
+                    "dynamic_axes": adapter.dynamic_axes(config)}
                 torch.onnx.export(wrapper, adapter.example_inputs(config), str(path), input_names=inputs,
-                                  output_names=outputs, dynamic_axes=adapter.dynamic_axes(config), opset_version=18,
-                                  dynamo=dynamo, **({"external_data": False} if dynamo else {}))
+                                  output_names=outputs, opset_version=18, dynamo=dynamo, **shapes)
         except Exception as exc:
             return {"error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}"}
         seconds = time.perf_counter() - started
@@ -80,8 +94,9 @@ def run(twin: Path, dynamo: bool) -> dict:
 
 def main() -> None:
     twins = Path(sys.argv[1])
+    only = sys.argv[2:]
     results = {}
-    for twin in sorted(p for p in twins.iterdir() if (p / "config.json").is_file()):
+    for twin in sorted(p for p in twins.iterdir() if (p / "config.json").is_file() and (not only or p.name in only)):
         results[twin.name] = {"legacy": run(twin, False), "dynamo": run(twin, True)}
         print(twin.name, json.dumps(results[twin.name]), flush=True)
     print(json.dumps(results, indent=1))
