@@ -14,11 +14,18 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def trace(wrapper: Any, adapter: Any, config: Any, target: Path) -> None:
-    """The legacy TorchScript exporter (see export/EXPORTER.md for why not dynamo yet)."""
+    """The legacy TorchScript exporter (see export/EXPORTER.md for why not dynamo yet).
+
+    Its DeprecationWarning is silenced here, deliberately: the decision is recorded there, and
+    pyproject bounds torch below a release that might drop the path."""
+    import warnings
+
     import torch
 
     inputs, outputs = adapter.names(config)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         torch.onnx.export(
             wrapper, adapter.example_inputs(config), str(target), input_names=inputs,
             output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
