@@ -72,8 +72,10 @@ def twins(
         if r not in TWINS:
             raise JaonnxError(f"no twin for recipe {r!r}: use one of {', '.join(TWINS)}")
     with quiet_third_party(verbose), steps(err) as step:
-        step("building twins")
-        built = build_twins(out_dir, recipe, progress=lambda r, s: step(f"built twin {r} ({s:.1f} s)"))
+        built = {}
+        for recipe_id in recipe or list(TWINS):
+            step(f"building the {recipe_id} twin")
+            built |= build_twins(out_dir, [recipe_id])
     if as_json:
         _json({k: str(v) for k, v in built.items()})
     else:
@@ -234,14 +236,16 @@ def demo(
 
     try:
         from jaonnx_export.quiet import quiet_third_party
-        from jaonnx_export.twins import build_twins
+        from jaonnx_export.twins import TWINS, build_twins
     except ImportError as exc:
         raise JaonnxError(f"the demo needs the export extra ({exc.name} is missing): bash scripts/setup.sh") from None
     export_module = _need_export()
     twins_dir, artifacts_dir = work_dir / "twins", work_dir / "artifacts"
     with quiet_third_party(verbose), steps(err) as step:
-        step(f"1. building twins in {twins_dir} (small checkpoints trained on the shipped corpus)")
-        built = build_twins(twins_dir, progress=lambda r, s: step(f"1. built twin {r} ({s:.1f} s)"))
+        built = {}
+        for recipe_id in TWINS:  # small checkpoints trained on the shipped corpus
+            step(f"1. building the {recipe_id} twin in {twins_dir}")
+            built |= build_twins(twins_dir, [recipe_id])
         for recipe_id, src in built.items():
             manifest = export_module.export(
                 str(src), artifacts_dir / recipe_id, progress=lambda msg, r=recipe_id: step(f"2. export {r}: {msg}")
