@@ -54,7 +54,6 @@ def save(traced: Path, out: Path, external_data: ExternalData) -> str | None:
 
     Weights are streamed one tensor at a time, so this step never holds a second copy of them."""
     import onnx
-    from onnx.external_data_helper import set_external_data
 
     model = onnx.load(str(traced), load_external_data=False)
     sizes = [_tensor_size(t) for t in model.graph.initializer]
@@ -76,7 +75,9 @@ def save(traced: Path, out: Path, external_data: ExternalData) -> str | None:
             for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 tensor.ClearField(name)
             del tensor.external_data[:]
-            set_external_data(tensor, DATA_FILE, offset, len(raw))
+            for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
             tensor.data_location = onnx.TensorProto.EXTERNAL
             offset += len(raw)
     onnx.save_model(model, str(out / MODEL_FILE))
