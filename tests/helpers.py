@@ -9,10 +9,36 @@ from pathlib import Path
 import numpy as np
 
 
-def hf_tokenizer(twin: Path):
-    from transformers import AutoTokenizer
+# How each model card loads its tokenizer: (transformers class, from_pretrained kwargs).
+CARD_TOKENIZERS = {
+    "rinna-roberta": ("AutoTokenizer", {"use_fast": False}),  # + do_lower_case = True (see card_lower)
+    "ken11-albert": ("AlbertTokenizerFast", {}),
+    "jmedroberta": ("AutoTokenizer", {}),
+    "rinna-gpt-1b": ("AutoTokenizer", {"use_fast": False}),
+    "gpt2-small-ja": ("AutoTokenizer", {}),
+}
 
-    return AutoTokenizer.from_pretrained(twin)
+
+def hf_tokenizer(twin: Path):
+    """The twin's tokenizer loaded exactly as the model card loads the real one."""
+    import transformers
+
+    class_name, kwargs = CARD_TOKENIZERS[twin.name]
+    tok = getattr(transformers, class_name).from_pretrained(twin, **kwargs)
+    if twin.name == "rinna-roberta":
+        tok.do_lower_case = True  # the card's line; transformers 5 ignores it (see card_lower)
+    return tok
+
+
+def card_lower(tok, text: str) -> str:
+    """What `tokenizer.do_lower_case = True` did in transformers 4, which the rinna card was
+    written for: lower-case the text except the special tokens (copied from transformers 4.x
+    `PreTrainedTokenizer.tokenize`). transformers 5 no longer reads the attribute there."""
+    import re
+
+    specials = [re.escape(t) for t in tok.all_special_tokens]
+    pattern = r"(" + r"|".join(specials) + r")|" + r"(.+?)"
+    return re.sub(pattern, lambda m: m.groups()[0] or m.groups()[1].lower(), text)
 
 
 def hf_model(twin: Path):

@@ -266,3 +266,36 @@ def test_kv_ops_merge_and_select_equal_numpy(gen):
     np.testing.assert_array_equal(merged, expected)
     picked = gen.kv_ops.select([value(expected)], np.array([4, 0]), 2, 6)[0].numpy()
     np.testing.assert_array_equal(picked, expected[[4, 0]][:, :, 2:6])
+
+
+def test_ids_past_the_tokenizer_are_never_generated(artifacts, tmp_path):
+    """A checkpoint whose embedding table is padded past its tokenizer (manifest tokenizer_size
+    < vocab_size): generation and scoring never give those ids any probability."""
+    import json
+    import shutil
+
+    plain = jaonnx.load(artifacts["gpt2-small-ja"])
+    options = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
+    greedy = plain.generate(PROMPTS[1], return_ids=True, **options).generated_ids
+    limit = max(greedy)  # the largest id greedy picks is now "padding"
+    padded = tmp_path / "padded"
+    shutil.copytree(artifacts["gpt2-small-ja"], padded)
+    manifest = json.loads((padded / "jaonnx.json").read_text(encoding="utf-8"))
+    manifest["tokenizer_size"] = limit
+    (padded / "jaonnx.json").write_text(json.dumps(manifest), encoding="utf-8")
+    gen = jaonnx.load(padded)
+    masked = gen.generate(PROMPTS[1], return_ids=True, **options).generated_ids
+    assert max(masked) < limit and masked != greedy
+    sampled = gen.generate([PROMPTS[1]] * 4, do_sample=True, top_k=0, seed=0, max_new_tokens=24, return_ids=True)
+    assert all(t < limit for r in sampled for t in r.generated_ids)
+    engine = gen.engine()
+    engine.add_request(PROMPTS[1], request_id="lp", logprobs=5, **options)
+    tops = [lp for out in drain_outputs(engine) for lp in (out.logprobs or [])]
+    assert all(t < limit for lp in tops for t, _ in lp.top)
+
+
+def drain_outputs(engine: GenerationEngine) -> list[RequestOutput]:
+    outs: list[RequestOutput] = []
+    while engine.has_unfinished_requests():
+        outs.extend(engine.step())
+    return outs

@@ -74,6 +74,11 @@ def test_manifest_with_unknown_recipe(artifacts, tmp_path):
     data = json.loads((broken / "jaonnx.json").read_text(encoding="utf-8"))
     data["recipe"] = "no-such-model"
     (broken / "jaonnx.json").write_text(json.dumps(data), encoding="utf-8")
+    # format 2 records its recipe: a recipe id that disagrees with it is corruption
+    assert_one_line_error(jaonnx_cli("fill-mask", str(broken), "[MASK]です"), "corrupt", "recipe_spec")
+    # format 1 names its recipe only: this jaonnx must know it
+    data = {k: v for k, v in data.items() if k not in ("recipe_spec", "tokenizer_size", "checks")}
+    (broken / "jaonnx.json").write_text(json.dumps({**data, "format_version": 1}), encoding="utf-8")
     assert_one_line_error(jaonnx_cli("fill-mask", str(broken), "[MASK]です"), "unknown recipe")
 
 

@@ -5,23 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import hf_model, hf_tokenizer, softmax
+from helpers import card_lower, hf_model, hf_tokenizer, softmax
 
 import jaonnx
-from jaonnx_export.twins import heldout_lines
+from jaonnx_export.corpus import heldout_lines
 
 MLM = ["rinna-roberta", "ken11-albert", "jmedroberta"]
-SENTENCES = ["4年に1度オリンピックは開かれる。", "大学で心理学の研究をしています。"] + heldout_lines()[:6]
+SENTENCES = ["4年に1度オリンピックは開かれる。", "大学で心理学の研究をしています。", "この患者はSLEとCTで診断された。",
+             "AIの研究はGPUで進む。"] + heldout_lines()[:6]
 
 
 def card_tokens(recipe: str, tok, text: str) -> list[str]:
     """Tokens of the unmasked text as the card tokenizes it (after normalization)."""
     if recipe == "rinna-roberta":  # the card: "[CLS]" + text, do_lower_case
-        return tok.tokenize("[CLS]" + text.lower())
-    if recipe == "jmedroberta":  # the card: full-width input
-        from jaonnx.tokenization import to_fullwidth
+        return tok.tokenize(card_lower(tok, "[CLS]" + text))
+    if recipe == "jmedroberta":  # the card: full-width input (mojimoji, an independent implementation)
+        import mojimoji
 
-        return [tok.cls_token, *tok.tokenize(to_fullwidth(text)), tok.sep_token]
+        return [tok.cls_token, *tok.tokenize(mojimoji.han_to_zen(text)), tok.sep_token]
     return [tok.cls_token, *tok.tokenize(text), tok.sep_token]
 
 
@@ -116,9 +117,9 @@ def test_padded_batch_gives_the_same_results_as_single_texts(mlm):
         flat_s = single if isinstance(single[0], dict) else [p for m in single for p in m]
         assert [p["token"] for p in flat_b] == [p["token"] for p in flat_s]
         np.testing.assert_allclose([p["score"] for p in flat_b], [p["score"] for p in flat_s], rtol=1e-4, atol=1e-6)
-    # and the padded reference batch agrees with the per-text reference
+    # and every padded row's logits equal transformers on that text alone
     rows = [c[1] for c in cases]
-    padded = reference_logits(recipe, model, rows, fm.pad_id)
+    padded = fm.logits(rows, every_position=True)
     for i, row in enumerate(rows):
         alone = reference_logits(recipe, model, [row], fm.pad_id)[0]
         np.testing.assert_allclose(padded[i, : len(row)], alone, atol=1e-4)
@@ -139,14 +140,22 @@ def test_result_shape_like_the_pipeline(mlm):
     )
 
 
-def test_encode_reports_every_model_input(mlm):
-    recipe, fm, _, _ = mlm
+def test_encode_reports_the_inputs_the_graph_computes(mlm):
+    """Positions and segments are computed inside the graph; `encode` reports them. Feeding
+    exactly the reported ones to transformers must give the graph's logits."""
+    recipe, fm, _, model = mlm
     enc = fm.encode("大学で[MASK]の研究をしています")
     n = len(enc["input_ids"])
-    assert enc["attention_mask"] == [1] * n
-    assert enc["position_ids"] == list(range(n))
-    assert ("token_type_ids" in enc) == (recipe != "rinna-roberta")
     assert [enc["input_ids"][i] for i in enc["mask_positions"]] == [fm.tokenizer.mask_id]
+    kwargs = {"input_ids": torch.tensor([enc["input_ids"]]), "attention_mask": torch.tensor([enc["attention_mask"]]),
+              "position_ids": torch.tensor([enc["position_ids"]])}
+    if "token_type_ids" in enc:
+        kwargs["token_type_ids"] = torch.tensor([enc["token_type_ids"]])
+    with torch.no_grad():
+        expected = model(**kwargs).logits.numpy()[0]
+    got = fm.logits([enc["input_ids"]], every_position=True)[0]
+    assert got.shape == (n, expected.shape[-1])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_rinna_card_example_layout(artifacts, twins_dir):
@@ -162,9 +171,58 @@ def test_rinna_card_example_layout(artifacts, twins_dir):
     assert card_ids[0] == 4 and tok.sep_token_id not in card_ids  # [CLS] first, no [SEP]
 
 
-def test_rinna_lower_cases(artifacts):
+LATIN = ["AIはGPUで学習する。", "SLEとMRIとCTの検査", "Pythonで書いたAPIを公開した", "NHKのNewsを見た"]
+
+
+def test_rinna_lower_cases_like_the_card(artifacts, twins_dir):
+    """The card's tokenizer with do_lower_case (transformers 4's rule), on text with ASCII letters."""
     fm = jaonnx.load(artifacts["rinna-roberta"])
-    assert fm.encode("AIは[MASK]だ")["input_ids"] == fm.encode("aiは[MASK]だ")["input_ids"]
+    tok = hf_tokenizer(twins_dir / "rinna-roberta")
+    for text in LATIN:
+        card_ids = tok.convert_tokens_to_ids(tok.tokenize(card_lower(tok, "[CLS]" + text)))
+        assert fm.tokenizer.encode_masked(text) == card_ids, text
+        assert fm.tokenizer.encode_masked("[CLS]" + text) == card_ids, text
+
+
+def test_transformers_5_ignores_the_cards_do_lower_case(twins_dir):
+    """Why the reference above applies transformers 4's rule itself: under transformers 5 the
+    card's `tokenizer.do_lower_case = True` changes nothing, so upper-case stays upper-case."""
+    tok = hf_tokenizer(twins_dir / "rinna-roberta")
+    assert tok.tokenize("[CLS]AIとSLE") != tok.tokenize(card_lower(tok, "[CLS]AIとSLE"))
+
+
+# Half-width katakana with dakuten/handakuten, ASCII letters, digits and spaces.
+FULLWIDTH_CASES = ["ｶﾞｷﾞｸﾞ ﾊﾟﾋﾟﾌﾟ", "SLE 1ｶﾞ!", "CT 2024年 ﾃﾞｰﾀ", "abc XYZ 0123456789", "ｳﾞｧｲｵﾘﾝ (ﾊﾞｲｵﾘﾝ)"]
+# Where mojimoji.han_to_zen differs, and what jaonnx does instead (see test below).
+FULLWIDTH_DIFFERENCES = {
+    '"': ("＂", "”"),  # ours: the full-width form of '"' (U+FF02); mojimoji: a closing curly quote
+    "'": ("＇", "’"),
+    "`": ("｀", "‘"),
+    "¥": ("¥", "￥"),  # not ASCII: we leave it; mojimoji widens it
+    "ﾜﾞ": ("ヷ", "ワ゛"),  # NFKC composes; mojimoji keeps a separate sound mark
+}
+
+
+def test_full_width_matches_mojimoji():
+    """JMedRoBERTa's card asks for 全角 input; mojimoji.han_to_zen is the common independent
+    implementation. They agree on katakana with (han)dakuten, ASCII letters, digits, spaces."""
+    import mojimoji
+
+    from jaonnx.tokenization import to_fullwidth
+
+    for text in FULLWIDTH_CASES:
+        assert to_fullwidth(text) == mojimoji.han_to_zen(text), text
+
+
+def test_full_width_differences_from_mojimoji_are_the_recorded_ones():
+    """We map each ASCII character to its own full-width form (U+FF01..FF5E), which is what the
+    NFKC-normalizing tokenizers undo exactly; mojimoji picks typographic quotes. Recorded here."""
+    import mojimoji
+
+    from jaonnx.tokenization import to_fullwidth
+
+    for text, (ours, theirs) in FULLWIDTH_DIFFERENCES.items():
+        assert (to_fullwidth(text), mojimoji.han_to_zen(text)) == (ours, theirs), text
 
 
 def test_jmedroberta_converts_to_full_width(artifacts, twins_dir):
@@ -174,6 +232,10 @@ def test_jmedroberta_converts_to_full_width(artifacts, twins_dir):
     assert half == full
     tok = hf_tokenizer(twins_dir / "jmedroberta")
     assert "ＳＬＥ" in "".join(tok.convert_ids_to_tokens(full))
+    import mojimoji
+
+    card = [tok.cls_token_id, *tok.encode(mojimoji.han_to_zen("この患者はSLEと診断された。CT検査で"), add_special_tokens=False)]
+    assert half[: len(card)] == card
 
 
 def test_plain_onnxruntime_without_positions_still_counts_from_zero(artifacts, twins_dir):

@@ -45,6 +45,19 @@ class MaskedLMAdapter:
     def decoder_shape(self, config: Any) -> DecoderShape | None:
         return None
 
+    def input_dtypes(self, config: Any) -> dict[str, str]:
+        return {name: "int64" for name in self.names(config)[0]}
+
+    def parity_reference(self, model: nn.Module, tokenizer: Any, texts: list[str] | None) -> Any:
+        from .references import fill_mask_reference
+
+        return fill_mask_reference(model, tokenizer, texts)
+
+    def runtime_logits(self, directory: Any, manifest: Any, reference: Any) -> list[Any]:
+        from .parity import fill_mask_logits
+
+        return fill_mask_logits(directory, manifest, reference)
+
 
 @dataclass(frozen=True)
 class CausalLMAdapter:
@@ -94,6 +107,19 @@ class CausalLMAdapter:
             num_heads=int(config.n_head),
             head_dim=int(config.n_embd) // int(config.n_head),
         )
+
+    def input_dtypes(self, config: Any) -> dict[str, str]:
+        return {name: ("float32" if name.startswith("past") else "int64") for name in self.names(config)[0]}
+
+    def parity_reference(self, model: nn.Module, tokenizer: Any, texts: list[str] | None) -> Any:
+        from .references import generation_reference
+
+        return generation_reference(model, tokenizer, texts)
+
+    def runtime_logits(self, directory: Any, manifest: Any, reference: Any) -> list[Any]:
+        from .parity import generation_logits
+
+        return generation_logits(directory, manifest, reference)
 
 
 Adapter = MaskedLMAdapter | CausalLMAdapter

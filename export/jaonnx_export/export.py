@@ -1,34 +1,33 @@
-"""Source checkpoint -> self-contained artifact directory (model.onnx, tokenizer, jaonnx.json)."""
+"""Source checkpoint -> self-contained artifact directory (model.onnx, tokenizer, jaonnx.json).
+
+`export()` reads as its steps. Memory: every PyTorch reference output is computed first,
+then the graph is traced, then the PyTorch model is freed before any ONNX Runtime session
+or conversion opens the graph, so the weights are never held twice by the two frameworks.
+Atomicity: everything is built in a scratch directory and swapped in after all checks pass.
+"""
 
 from __future__ import annotations
 
+import gc
 import shutil
-import tempfile
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
-from jaonnx.recipes import Recipe
-from jaonnx.tokenization import RecipeTokenizer
+from jaonnx.tokenization import RecipeTokenizer, load_backend
 
-from . import decoder_graph
-from .architectures import ARCHITECTURES
+from . import consistency, decoder_graph
+from .architectures import ARCHITECTURES, Adapter
 from .genai import write_genai_files
+from .onnx_files import MODEL_FILE, OPSET, ExternalData, save, trace
 from .sources import Source, resolve
-
-ExternalData = Literal["auto", "always", "never"]
-OPSET = 18
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-# protobuf cannot hold more than 2 GiB; stay clear of it.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-
-DEFAULT_KV_CACHE = "static"
+from .staging import Staging
 
 Progress = Callable[[str], None]
+DEFAULT_KV_CACHE = "static"  # decoders whose shape GroupQueryAttention takes; else concat
 
 
 def _versions() -> dict[str, str]:
@@ -42,6 +41,18 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _check_parity_atol(parity_atol: float | None) -> None:
+    if parity_atol is not None and not parity_atol > 0:
+        raise JaonnxError(f"--parity-atol must be a positive number, not {parity_atol!r}")
+
+
+def _adapter(source: Source) -> Adapter:
+    adapter = ARCHITECTURES.get(source.recipe.architecture)
+    if adapter is None:
+        raise JaonnxError(f"no exporter for {source.recipe.architecture}: add one to jaonnx_export.architectures")
+    return adapter
+
+
 def _load_model(source: Source) -> Any:
     import torch
     import transformers
@@ -49,16 +60,16 @@ def _load_model(source: Source) -> Any:
     model_class = getattr(transformers, source.recipe.architecture)
     try:
         model = model_class.from_pretrained(source.directory, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise JaonnxError(f"cannot load {source.name} as {model_class.__name__}: {first}") from None
     return model.eval()
 
 
-def _write_tokenizer(source: Source, out: Path) -> None:
+def _write_tokenizer(source: Source, work: Path) -> None:
     """Copy the sentencepiece model, or have transformers write its exact tokenizer.json."""
     recipe = source.recipe
-    target = out / recipe.tokenizer_file
+    target = work / recipe.tokenizer_file
     if recipe.tokenizer_backend == "sentencepiece":
         found = source.directory / recipe.tokenizer_file
         if not found.is_file():
@@ -67,41 +78,11 @@ def _write_tokenizer(source: Source, out: Path) -> None:
         return
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory)
+    except (OSError, ValueError) as exc:
+        raise JaonnxError(f"cannot load the tokenizer of {source.name}: {str(exc).strip()[:200]}") from None
     tokenizer.backend_tokenizer.save(str(target))
-
-
-def _special_ids(recipe: Recipe, out: Path) -> tuple[dict[str, int], int]:
-    from jaonnx.tokenization import load_backend
-
-    backend = load_backend(recipe.tokenizer_backend, out / recipe.tokenizer_file)
-    ids = {}
-    for role, token in recipe.special.items():
-        token_id = backend.piece_to_id(token)
-        if token_id is None:
-            raise JaonnxError(f"the tokenizer has no {token!r} ({role}), which recipe {recipe.id} needs")
-        ids[role] = token_id
-    return ids, backend.vocab_size
-
-
-def _save_onnx(traced: Path, out: Path, external_data: ExternalData) -> str | None:
-    """Re-save the traced graph as model.onnx, with all weights in one relative data file
-    when it is large or when asked (the legacy exporter would scatter hundreds of files)."""
-    import onnx
-
-    model = onnx.load(str(traced), load_external_data=True)
-    size = sum(t.ByteSize() for t in model.graph.initializer)
-    use_external = external_data == "always" or (external_data == "auto" and size > EXTERNAL_DATA_THRESHOLD)
-    for stale in (out / MODEL_FILE, out / DATA_FILE):
-        stale.unlink(missing_ok=True)
-    if use_external:
-        onnx.save_model(
-            model, str(out / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=DATA_FILE, size_threshold=1024,
-        )
-        return DATA_FILE
-    onnx.save_model(model, str(out / MODEL_FILE))
-    return None
 
 
 def export(
@@ -119,94 +100,93 @@ def export(
     int4_block: int | None = None,
     lm_head: str = "int8",
     kv_cache: str | None = None,
+    parity_atol: float | None = None,
 ) -> Manifest:
     """Export `src` (hub id or directory) to the artifact directory `out` and check parity.
 
     `quantize="int8"`/`"int4"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and
     gate it on a quality report against PyTorch (see precision.py); `optimize=None` keeps ORT's
     offline transformer fusions only where they measure faster, True/False force them on/off;
-    `force` keeps an artifact that fails the quality gate. `kv_cache` picks a decoder's cache
-    layout ("concat" or "static", see decoder_graph.py; None: the default)."""
-    import torch
-
+    `force` keeps an artifact that fails the quality gate; `kv_cache` picks a decoder's cache
+    layout ("static" or "concat", see decoder_graph.py; None: static where the model allows);
+    `parity_atol` overrides the parity tolerance (recorded in the manifest).
+    `out` changes only if every check passes."""
     from . import precision
     from .parity import check_parity
 
     step = progress or (lambda _msg: None)
     options = precision.Options(quantize, dtype, optimize, force, int4_block or precision.rewrite.INT4_BLOCK, lm_head)
     options.check()
+    _check_parity_atol(parity_atol)
     source = resolve(src, recipe_id)
-    recipe = source.recipe
-    adapter = ARCHITECTURES.get(recipe.architecture)
-    if adapter is None:
-        raise JaonnxError(f"no exporter for {recipe.architecture}: add one to jaonnx_export.architectures")
+    recipe, adapter = source.recipe, _adapter(source)
     static = _static_kv(kv_cache, adapter.task)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
 
-    step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
-    model = _load_model(source)
-    config = model.config
-    _write_tokenizer(source, out)
-    special_ids, vocab_size = _special_ids(recipe, out)
+    with Staging(Path(out)) as stage:
+        work = stage.work
+        step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
+        model = _load_model(source)
+        config = model.config
+        if static and (reason := decoder_graph.supported(config)):
+            if kv_cache == "static":
+                raise JaonnxError(f"{reason}: export with --kv-cache concat")
+            step(f"{reason}: using the concat KV cache")
+            static = False
+        if static:
+            options.optimize = False  # built from fused ops; the fusion timing feeds are concat-style
+        convert = bool(quantize or dtype != "fp32" or options.optimize is not False)
 
-    reason = decoder_graph.supported(config) if static else None
-    if reason and kv_cache == "static":
-        raise JaonnxError(f"{reason}: export with --kv-cache concat")
-    if reason:
-        step(f"{reason}: using the concat KV cache")
-        static = False
-    if quantize and not static:
-        _untie_lm_head(model)
-    inputs, outputs = adapter.names(config)
-    input_types = {name: ("float32" if name.startswith("past") else "int64") for name in inputs}
-    decoder_shape = adapter.decoder_shape(config)
-    if static:
-        input_types, output_types = decoder_graph.names(decoder_shape.num_layers)
-        inputs, outputs, decoder_shape = list(input_types), list(output_types), decoder_graph.decoder_shape(config)
-        optimize = options.optimize = False  # built from fused ops; timing feeds are concat-style (see notes)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        traced = Path(tmp) / MODEL_FILE
+        step("checking the tokenizer and special tokens against the checkpoint")
+        _write_tokenizer(source, work)
+        backend = load_backend(recipe.tokenizer_backend, work / recipe.tokenizer_file)
+        checks = consistency.check_vocab(source, int(config.vocab_size), backend.vocab_size)
+        special_ids, found = consistency.special_ids(source, recipe, backend, config)
+        checks |= found | consistency.generation_report(source, recipe)
+        if line := consistency.describe_generation(checks):
+            step(line)
+        tokenizer = RecipeTokenizer(recipe, backend, special_ids)
+        inputs, outputs = adapter.input_dtypes(config), adapter.names(config)[1]
+        decoder_shape = adapter.decoder_shape(config)
+        if static:
+            inputs, static_outputs = decoder_graph.names(decoder_shape.num_layers)
+            outputs, decoder_shape = list(static_outputs), decoder_graph.decoder_shape(config)
+        manifest = Manifest(
+            recipe=recipe.id, task=adapter.task, model_file=MODEL_FILE, tokenizer_file=recipe.tokenizer_file,
+            special_ids=special_ids, vocab_size=int(config.vocab_size), max_positions=adapter.max_positions(config),
+            inputs=inputs, outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
+            decoder=decoder_shape, versions=_versions(), recipe_spec=recipe,
+            tokenizer_size=backend.vocab_size, checks=checks,
+        )
+
+        step("computing PyTorch reference logits")
+        parity_ref = adapter.parity_reference(model, tokenizer, parity_texts)
+        quality_ref = _quality_reference(model, manifest, tokenizer) if convert else None
+
+        traced = work / ".traced" / MODEL_FILE
+        traced.parent.mkdir()
         if static:
             step("building the static-KV-cache decoder graph")
             decoder_graph.build(model, traced)
         else:
             step("tracing the ONNX graph")
-            with torch.no_grad():
-                torch.onnx.export(
-                    adapter.wrap(model, recipe), adapter.example_inputs(config), str(traced), input_names=inputs,
-                    output_names=outputs, dynamic_axes=adapter.dynamic_axes(config),
-                    opset_version=OPSET, dynamo=False,
-                )
+            if quantize:
+                _untie_lm_head(model)
+            trace(adapter.wrap(model, recipe), adapter, config, traced)
+        del model
+        gc.collect()  # free the PyTorch weights before ONNX Runtime loads its copy
+
         step("saving model.onnx")
-        data_file = _save_onnx(traced, out, external_data)
+        manifest.external_data = save(traced, work, external_data)
+        shutil.rmtree(traced.parent)
 
-    manifest = Manifest(
-        recipe=recipe.id,
-        task=adapter.task,
-        model_file=MODEL_FILE,
-        tokenizer_file=recipe.tokenizer_file,
-        special_ids=special_ids,
-        vocab_size=int(config.vocab_size),
-        max_positions=adapter.max_positions(config),
-        inputs=input_types,
-        outputs={name: "float32" for name in outputs},
-        opset=OPSET,
-        source=source.name,
-        external_data=data_file,
-        decoder=decoder_shape,
-        versions=_versions(),
-    )
-    step("checking parity against PyTorch")
-    tokenizer = RecipeTokenizer.from_file(recipe, out / recipe.tokenizer_file, special_ids)
-    manifest.parity = check_parity(model, out, manifest, tokenizer, parity_texts)
-    if quantize or dtype != "fp32" or optimize is not False:
-        from .twins import heldout_lines
-
-        precision.convert(model, out, manifest, tokenizer, options, step, heldout_lines())
-    if write_genai_files(out, manifest, config):
-        step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
-    manifest.write(out)
+        step("checking parity against PyTorch")
+        manifest.parity = check_parity(adapter, work, manifest, parity_ref, parity_atol)
+        if convert:
+            precision.convert(config, quality_ref, work, manifest, options, step)
+        if write_genai_files(work, manifest, config):
+            step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
+        manifest.write(work)
+        stage.commit()
     return manifest
 
 
@@ -232,3 +212,11 @@ def _untie_lm_head(model: Any) -> None:
         return
     head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
+
+
+def _quality_reference(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer) -> Any:
+    """fp32 PyTorch logits on held-out text for the converted graph's quality report."""
+    from . import precision, quality
+    from .corpus import heldout_lines
+
+    return quality.reference_logits(model, manifest, tokenizer, heldout_lines()[: precision.QUALITY_TEXTS])

@@ -17,7 +17,6 @@ from typing import Any
 
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
-from jaonnx.tokenization import RecipeTokenizer
 
 from . import optimize as optimizer
 from . import quality
@@ -86,14 +85,13 @@ def _move_into(out: Path, chosen: Path, model_file: str, data_file: str | None) 
     return None
 
 
-def convert(model: Any, out: Path, manifest: Manifest, tokenizer: RecipeTokenizer, options: Options,
-            step: Progress, heldout: list[str]) -> None:
+def convert(config: Any, reference: Any, out: Path, manifest: Manifest, options: Options, step: Progress) -> None:
     """fp32 artifact graph in `out` -> the final graph in `out`, with manifest.quality filled in.
-    On a failed quality gate nothing of the artifact is left in `out`."""
+    `reference` holds the fp32 PyTorch logits on held-out text (computed before the PyTorch
+    model was freed); `config` is the checkpoint's config. On a failed quality gate nothing of
+    the artifact is left in `out`."""
     options.check()
     name = options.name
-    step(f"computing fp32 PyTorch reference logits on held-out text for the {name} quality report")
-    reference = quality.reference_logits(model, manifest, tokenizer, heldout[:QUALITY_TEXTS])
     model_file, data_file = manifest.model_file, manifest.external_data
     plain = out / model_file
     # fp16 targets CUDA, which this machine may lack: fuse only when asked, never by CPU timing.
@@ -109,7 +107,7 @@ def convert(model: Any, out: Path, manifest: Manifest, tokenizer: RecipeTokenize
                 target = Path(tmp) / variant / model_file
                 target.parent.mkdir()
                 try:
-                    optimization[variant] = optimizer.optimize_graph(plain, target, manifest, model.config, attention)
+                    optimization[variant] = optimizer.optimize_graph(plain, target, manifest, config, attention)
                     if not attention and "Attention" not in optimization.get("fused", {}).get("fusions", {}):
                         optimization.pop(variant)  # the same graph as "fused": nothing to time
                         continue

@@ -15,22 +15,15 @@ from typing import Any
 from .artifact import Manifest, read_manifest
 from .errors import JaonnxError
 from .recipes import RECIPES, Recipe, get_recipe
+from .tasks import TASKS, task_class
 
 __version__ = "0.1.0"
 
 
 def load(path: str | Path, providers: str | list[str] | None = "auto", **session_options: Any) -> Any:
-    """Open an artifact directory: a `FillMask` or a `TextGenerator`, by the manifest's task."""
+    """Open an artifact directory with the class registered for its task (see `jaonnx.tasks`)."""
     manifest = read_manifest(path)
-    if manifest.task == "fill-mask":
-        from .fill_mask import FillMask
-
-        return FillMask(Path(path), manifest, providers, **session_options)
-    if manifest.task == "text-generation":
-        from .generation import TextGenerator
-
-        return TextGenerator(Path(path), manifest, providers, **session_options)
-    raise JaonnxError(f"artifact task {manifest.task!r} is not supported by this jaonnx: upgrade it")
+    return task_class(manifest.task)(Path(path), manifest, providers, **session_options)
 
 
-__all__ = ["JaonnxError", "Manifest", "RECIPES", "Recipe", "get_recipe", "load", "read_manifest"]
+__all__ = ["JaonnxError", "Manifest", "RECIPES", "Recipe", "TASKS", "get_recipe", "load", "read_manifest"]

@@ -13,9 +13,13 @@ from typing import Any
 
 from .errors import JaonnxError
 from .recipes import Recipe, get_recipe
+from .tasks import TASKS
+from .typecheck import FieldError, build
 
 MANIFEST_NAME = "jaonnx.json"
-FORMAT_VERSION = 1
+# 2: the resolved recipe is recorded (`recipe_spec`), plus `tokenizer_size` and `checks`.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -51,11 +55,18 @@ class Manifest:
     parity: dict[str, Any] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # Format 2. The recipe as it was when exported: the runtime reads tokenization layout,
+    # normalizers, special tokens and generation defaults from here, so a later edit of
+    # recipes.py cannot change an artifact that already exists. Absent in format 1.
+    recipe_spec: Recipe | None = None
+    tokenizer_size: int | None = None  # ids the tokenizer can decode; logits past it are masked
+    checks: dict[str, Any] = field(default_factory=dict)  # export-time consistency findings
     format_version: int = FORMAT_VERSION
 
     @property
     def recipe_obj(self) -> Recipe:
-        return get_recipe(self.recipe)
+        """The recipe recorded in the artifact (format 2), or the registry's one (format 1)."""
+        return self.recipe_spec if self.recipe_spec is not None else get_recipe(self.recipe)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2)
@@ -66,12 +77,29 @@ class Manifest:
         return path
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        data = dict(data)
-        if data.get("decoder"):
-            data["decoder"] = DecoderShape(**data["decoder"])
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any) -> Manifest:
+        """A manifest from JSON data, every field type-checked (FieldError names the field)."""
+        if not isinstance(data, dict):
+            raise FieldError(f"the manifest must be a JSON object, not {type(data).__name__}")
+        manifest = build(cls, data, "manifest")
+        for name in (manifest.model_file, manifest.tokenizer_file, manifest.external_data):
+            if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+                raise FieldError(f"manifest file name {name!r} must be a plain file inside the artifact")
+        if manifest.task == "text-generation" and manifest.decoder is None:
+            raise FieldError("manifest.decoder is missing for a text-generation artifact")
+        sizes = {"vocab_size": manifest.vocab_size, "max_positions": manifest.max_positions,
+                 "tokenizer_size": manifest.tokenizer_size or 1,
+                 **({f"decoder.{k}": v for k, v in asdict(manifest.decoder).items()} if manifest.decoder else {})}
+        bad = [name for name, value in sizes.items() if value < 1]
+        if bad:
+            raise FieldError(f"manifest.{bad[0]} must be positive")
+        if manifest.tokenizer_size is not None and manifest.tokenizer_size > manifest.vocab_size:
+            raise FieldError("manifest.tokenizer_size is larger than manifest.vocab_size")
+        if manifest.recipe_spec is not None and (manifest.recipe_spec.id, manifest.recipe_spec.task) != (
+            manifest.recipe, manifest.task
+        ):
+            raise FieldError("manifest.recipe_spec does not match manifest.recipe and manifest.task")
+        return manifest
 
 
 def read_manifest(directory: str | Path) -> Manifest:
@@ -90,14 +118,23 @@ def read_manifest(directory: str | Path) -> Manifest:
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        manifest = Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise JaonnxError(f"{path} is corrupt ({exc.__class__.__name__}): re-run `jaonnx export`") from None
-    if manifest.format_version > FORMAT_VERSION:
-        raise JaonnxError(
-            f"{path} has format {manifest.format_version}, newer than this jaonnx reads: upgrade jaonnx"
-        )
-    manifest.recipe_obj  # unknown recipe -> JaonnxError
+    except OSError as exc:
+        raise JaonnxError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
+    version = data.get("format_version", 1) if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise JaonnxError(f"{path} has format {version}, newer than this jaonnx reads: upgrade jaonnx")
+    task = data.get("task") if isinstance(data, dict) else None
+    if isinstance(task, str) and task not in TASKS:
+        raise JaonnxError(f"artifact task {task!r} is not supported by this jaonnx: upgrade it")
+    try:
+        manifest = Manifest.from_dict(data)
+    except FieldError as exc:
+        raise JaonnxError(f"{path} is corrupt ({exc}): re-run `jaonnx export`") from None
+    if manifest.format_version not in READABLE_FORMATS:
+        raise JaonnxError(f"{path} has format {manifest.format_version}, which no jaonnx wrote: re-run `jaonnx export`")
+    manifest.recipe_obj  # format 1 with an unknown recipe -> JaonnxError
     needed = [manifest.model_file, manifest.tokenizer_file]
     if manifest.external_data:
         needed.append(manifest.external_data)

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from .errors import JaonnxError
+from .progress import steps
 
 app = typer.Typer(
     help="Fast, torch-free ONNX inference for Japanese sentencepiece transformer models.",
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
+VERBOSE = typer.Option("--verbose", "-v", help="Show third-party warnings and progress bars.")
 
 
 def _print_version(value: bool) -> None:
@@ -74,19 +76,23 @@ def twins(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write one checkpoint per model into.")],
     recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="Only these recipes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """Build the offline twins: small trained checkpoints shaped like the five real models."""
     try:
         from jaonnx_export.twins import TWINS, build_twins
     except ImportError as exc:
         raise JaonnxError(f"twins need the export extra ({exc.name} is missing): pip install 'jaonnx[cpu,export]'") from None
+    from jaonnx_export.quiet import quiet_third_party
+
     for r in recipe or []:
         if r not in TWINS:
             raise JaonnxError(f"no twin for recipe {r!r}: use one of {', '.join(TWINS)}")
-    with err.status("building twins") as status:
-        built = build_twins(
-            out_dir, recipe, progress=lambda r, s: (status.update(f"built {r}"), err.print(f"  {r}: {s:.1f} s"))
-        )
+    with quiet_third_party(verbose), steps(err) as step:
+        built = {}
+        for recipe_id in recipe or list(TWINS):
+            step(f"building the {recipe_id} twin")
+            built |= build_twins(out_dir, [recipe_id])
     if as_json:
         _json({k: str(v) for k, v in built.items()})
     else:
@@ -110,16 +116,22 @@ def export(
     lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
     kv_cache: Annotated[Optional[str], typer.Option(
         "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
+    parity_atol: Annotated[Optional[float], typer.Option("--parity-atol", help="Accept a larger max |logit diff| (recorded in the manifest).")] = None,
+    verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
-    """Export a checkpoint to an ONNX artifact and check it against PyTorch."""
+    """Export a checkpoint to an ONNX artifact and check it against PyTorch.
+
+    The artifact is built next to OUTPUT and moved into place only when every check passes."""
     if external_data not in ("auto", "always", "never"):
         raise JaonnxError(f"--external-data must be auto, always or never, not {external_data!r}")
     export_module = _need_export()
-    with err.status("exporting") as status:
+    from jaonnx_export.quiet import quiet_third_party
+
+    with quiet_third_party(verbose), steps(err) as step:
         manifest = export_module.export(
             src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
             quantize=quantize, dtype=dtype, optimize=optimize, force=force, kv_cache=kv_cache,
-            int4_block=int4_block, lm_head=lm_head, progress=lambda msg: (status.update(msg), err.print(f"  {msg}")),
+            int4_block=int4_block, lm_head=lm_head, parity_atol=parity_atol, progress=step,
         )
     if as_json:
         sys.stdout.write(manifest.to_json() + "\n")
@@ -268,22 +280,28 @@ DEMO_PROMPTS = {"rinna-gpt-1b": "西田幾多郎は、", "gpt2-small-ja": "近�
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Where twins/ and artifacts/ go.")] = Path("."),
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 32,
+    verbose: Annotated[bool, VERBOSE] = False,
 ) -> None:
     """The whole pipeline offline: build the twins, export them, fill masks, generate."""
     from . import load
 
     try:
-        from jaonnx_export.twins import build_twins
+        from jaonnx_export.quiet import quiet_third_party
+        from jaonnx_export.twins import TWINS, build_twins
     except ImportError as exc:
         raise JaonnxError(f"the demo needs the export extra ({exc.name} is missing): bash scripts/setup.sh") from None
     export_module = _need_export()
     twins_dir, artifacts_dir = work_dir / "twins", work_dir / "artifacts"
-    err.print(f"[bold]1. twins[/bold] -> {twins_dir} (small checkpoints trained on the shipped corpus)")
-    built = build_twins(twins_dir, progress=lambda r, s: err.print(f"   {r}: {s:.1f} s"))
-    err.print(f"[bold]2. export[/bold] -> {artifacts_dir}")
-    for recipe_id, src in built.items():
-        manifest = export_module.export(str(src), artifacts_dir / recipe_id)
-        err.print(f"   {recipe_id}: parity max |logit diff| {manifest.parity['max_abs_logit_diff']:.1e}")
+    with quiet_third_party(verbose), steps(err) as step:
+        built = {}
+        for recipe_id in TWINS:  # small checkpoints trained on the shipped corpus
+            step(f"1. building the {recipe_id} twin in {twins_dir}")
+            built |= build_twins(twins_dir, [recipe_id])
+        for recipe_id, src in built.items():
+            manifest = export_module.export(
+                str(src), artifacts_dir / recipe_id, progress=lambda msg, r=recipe_id: step(f"2. export {r}: {msg}")
+            )
+            step(f"2. exported {recipe_id}: parity max |logit diff| {manifest.parity['max_abs_logit_diff']:.1e}")
     out.print("\n[bold]3. fill-mask[/bold]")
     for recipe_id, text in DEMO_FILL_MASK.items():
         out.print(f"[cyan]{recipe_id}[/cyan]  {text}", markup=True, highlight=False)

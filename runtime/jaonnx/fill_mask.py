@@ -67,15 +67,22 @@ class FillMask(ArtifactModel):
     def _mask_positions(self, ids: list[int]) -> list[int]:
         return [p for p, t in enumerate(ids) if t == self.tokenizer.mask_id]
 
-    def _run(self, rows: list[list[int]]) -> np.ndarray:
-        return self.logits(rows)
+    def logits(
+        self, rows: list[list[int]], positions: list[list[int]] | None = None, *, every_position: bool = False
+    ) -> np.ndarray:
+        """Right-padded batch -> logits [rows, masks, vocab] at each row's mask positions (rows
+        with fewer masks repeat position 0, whose logits are ignored), at `positions`, or at
+        every position.
 
-    def logits(self, rows: list[list[int]], positions: list[list[int]] | None = None) -> np.ndarray:
-        """Right-padded batch of token ids -> logits [rows, positions, vocab] at each row's mask
-        positions, or at `positions` (the export's quality report asks for every position).
-        Rows with fewer positions repeat position 0, whose logits are ignored."""
+        Logits of ids the tokenizer cannot decode (an embedding table padded past the
+        tokenizer) are -inf, so such ids are never predicted."""
         width = max(map(len, rows))
-        masks = positions if positions is not None else [self._mask_positions(row) for row in rows]
+        if every_position:
+            masks = [list(range(width))] * len(rows)
+        elif positions is not None:
+            masks = positions
+        else:
+            masks = [self._mask_positions(row) for row in rows]
         input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         attention = np.zeros((len(rows), width), dtype=np.int64)
         positions = np.zeros((len(rows), max(map(len, masks))), dtype=np.int64)
@@ -85,6 +92,8 @@ class FillMask(ArtifactModel):
             positions[i, : len(masks[i])] = masks[i]
         feed = {"input_ids": input_ids, "attention_mask": attention, "mask_positions": positions}
         (logits,) = self.session.run(["logits"], feed)
+        if logits.shape[-1] > self.tokenizer.vocab_size:
+            logits[..., self.tokenizer.vocab_size :] = -np.inf
         return logits
 
     def _predictions(self, ids: list[int], position: int, logits: np.ndarray, top_k: int) -> list[Prediction]:
@@ -114,15 +123,19 @@ class FillMask(ArtifactModel):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise JaonnxError(f"top_k must be a positive integer, got {top_k!r}")
         single = isinstance(inputs, str)
+        if not single and not isinstance(inputs, (list, tuple)):
+            raise JaonnxError(f"expected a text or a list of texts, got {type(inputs).__name__}")
         texts = [inputs] if single else list(inputs)
         if not texts:
             raise JaonnxError("no texts given: pass a text or a non-empty list of texts")
-        top_k = min(top_k, self.manifest.vocab_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise JaonnxError(f"batch_size must be a positive integer, got {batch_size!r}")
+        top_k = min(top_k, self.tokenizer.vocab_size)
         rows = [self._ids(t) for t in texts]
         results: list[Any] = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            logits = self._run(chunk)
+            logits = self.logits(chunk)
             for i, ids in enumerate(chunk):
                 per_mask = [
                     self._predictions(ids, p, logits[i, k], top_k) for k, p in enumerate(self._mask_positions(ids))

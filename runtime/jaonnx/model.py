@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import Manifest
+from .errors import JaonnxError
 from .session import Providers, create_session
 from .tokenization import RecipeTokenizer
 
@@ -20,5 +21,27 @@ class ArtifactModel:
         self.tokenizer = RecipeTokenizer.from_file(
             self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
         )
+        self._check_tokenizer()
         self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
+        self._check_graph()
         self.pad_id = manifest.special_ids.get("pad", 0)
+
+    def _check_graph(self) -> None:
+        """The graph's inputs and outputs must be the ones the manifest lists."""
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if (sorted(names[0]), sorted(names[1])) != (sorted(self.manifest.inputs), sorted(self.manifest.outputs)):
+            raise JaonnxError(
+                f"{self.directory / self.manifest.model_file} does not have the inputs and outputs "
+                f"{self.directory / 'jaonnx.json'} lists: re-run `jaonnx export`"
+            )
+
+    def _check_tokenizer(self) -> None:
+        """The tokenizer file must be the one the manifest describes (ids in range, same size)."""
+        size = self.tokenizer.vocab_size
+        recorded = self.manifest.tokenizer_size
+        where = self.directory / self.manifest.tokenizer_file
+        if recorded is not None and recorded != size:
+            raise JaonnxError(f"{where} has {size} ids but the manifest says {recorded}: re-run `jaonnx export`")
+        bad = {role: i for role, i in self.manifest.special_ids.items() if not 0 <= i < size}
+        if bad:
+            raise JaonnxError(f"special ids {bad} are outside {where}'s {size} ids: re-run `jaonnx export`")

@@ -7,10 +7,11 @@ twin builder); no other module branches on the model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from .errors import JaonnxError
+from .typecheck import build
 
 Task = Literal["fill-mask", "text-generation"]
 Backend = Literal["sentencepiece", "tokenizers"]
@@ -70,6 +71,23 @@ class Recipe:
     token_type_ids: bool = False  # model has a segment embedding (fed all zeros)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as JSON data: what an artifact's manifest records (format 2)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
+        """Rebuild a recipe recorded in a manifest; a bad field raises typecheck.FieldError."""
+        return build(cls, data, where)
+
+    def roles_used(self) -> tuple[str, ...]:
+        """The special-token roles this recipe's task reads; only these must exist at export."""
+        if self.task == "fill-mask":
+            roles = ("mask", *self.prefix, *self.suffix, *self.strip_typed)
+        else:
+            roles = ("eos", *(w for w in self.generation.bad_words if w in SpecialTokens.__dataclass_fields__))
+        return tuple(dict.fromkeys(r for r in roles if getattr(self.special, r) is not None))
 
 
 RECIPES: dict[str, Recipe] = {}

@@ -13,32 +13,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jaonnx.recipes import get_recipe
 from jaonnx.tokenization.normalize import to_fullwidth
 
+from ..corpus import corpus_lines, heldout_lines, train_lines  # noqa: F401  (re-exported)
 from .tokenizers import SpmLayout, spm_to_tokenizer_json, train_spm, write_json
-
-CORPUS_FILE = "corpus_ja.txt"
-HELDOUT_EVERY = 10  # every 10th corpus line is held out of all training
-
-
-def corpus_lines() -> list[str]:
-    text = resources.files(__package__).joinpath(CORPUS_FILE).read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def train_lines() -> list[str]:
-    return [line for i, line in enumerate(corpus_lines()) if i % HELDOUT_EVERY]
-
-
-def heldout_lines() -> list[str]:
-    """Sentences no twin saw in training: for parity and quality reports."""
-    return [line for i, line in enumerate(corpus_lines()) if not i % HELDOUT_EVERY]
-
 
 @dataclass(frozen=True)
 class TwinSpec:

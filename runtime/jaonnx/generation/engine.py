@@ -111,6 +111,7 @@ class GenerationEngine:
         resolve: Callable[..., SamplingSettings],
         pad_id: int,
         max_batch_size: int = 16,
+        vocab_limit: int | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise JaonnxError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}", "max_batch_size")
@@ -120,6 +121,7 @@ class GenerationEngine:
         self._encode = encode
         self._resolve = resolve
         self._pad = pad_id
+        self._vocab_limit = vocab_limit  # ids from here on are embedding padding the tokenizer lacks
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
@@ -214,6 +216,7 @@ class GenerationEngine:
             logits = self.batch.step(np.array(last, dtype=np.int64)[:, None])[:, 0]
         else:  # prompt lookup runs for a lone request: its one row carries the block
             logits = self.batch.step(np.array([last + drafted[0]], dtype=np.int64))
+        self._mask_padding(logits)
         row = 0
         for req in self._running:
             req.logits = logits[row : row + req.rows]
@@ -232,11 +235,17 @@ class GenerationEngine:
         prompts = [req.prompt_ids for req in joining for _ in range(req.rows)]
         reserve = max(len(req.prompt_ids) + req.settings.max_new_tokens for req in joining)
         logits = self.batch.add(prompts, reserve)
+        self._mask_padding(logits)
         start = 0
         for req in joining:
             req.logits = logits[start : start + req.rows]
             start += req.rows
         self._running.extend(joining)
+
+    def _mask_padding(self, logits: np.ndarray) -> None:
+        """An embedding table padded past the tokenizer: those ids are never picked."""
+        if self._vocab_limit is not None and logits.shape[-1] > self._vocab_limit:
+            logits[..., self._vocab_limit :] = -np.inf
 
     def _running_keep(self, keep: list[_Request]) -> None:
         if len(keep) == len(self._running):

@@ -168,7 +168,7 @@ class TextGenerator(ArtifactModel):
         """A continuous-batching engine over this model: add_request / step / abort_request."""
         return GenerationEngine(
             self.new_batch(), decode=self.decode, encode=self.encode, resolve=self.settings,
-            pad_id=self.pad_id, max_batch_size=max_batch_size,
+            pad_id=self.pad_id, max_batch_size=max_batch_size, vocab_limit=self.manifest.tokenizer_size,
         )
 
     # ---- public API -----------------------------------------------------------------------
@@ -269,7 +269,11 @@ class TextGenerator(ArtifactModel):
         if len(ids) < 2:
             raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
         check_position_budget(len(ids), 0, self.manifest.max_positions)
-        return log_softmax(self.new_batch().logits(ids)[: len(ids) - 1])
+        logits = self.new_batch().logits(ids)[: len(ids) - 1]
+        limit = self.manifest.tokenizer_size
+        if limit is not None and logits.shape[-1] > limit:  # ids past the tokenizer are never generated
+            logits[:, limit:] = -np.inf
+        return log_softmax(logits)
 
 
 # KV-cache layout (manifest `decoder.kv_layout`) -> the BatchDecoder that drives it.

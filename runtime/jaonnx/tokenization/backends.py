@@ -87,7 +87,7 @@ class TokenizersBackend:
         try:
             self._tok_cont = Tokenizer.from_str(json.dumps(cont))
         except Exception as exc:  # pragma: no cover - depends on exotic tokenizer.json files
-            raise JaonnxError(f"cannot build a continuation tokenizer from {path}: {exc}") from None
+            raise JaonnxError(f"cannot build a continuation tokenizer from {path}: {exc.__class__.__name__}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
@@ -104,9 +104,20 @@ class TokenizersBackend:
         return self._tok.token_to_id(piece)
 
 
+BACKENDS: dict[str, type] = {"sentencepiece": SentencePieceBackend, "tokenizers": TokenizersBackend}
+
+
 def load_backend(kind: str, path: Path) -> Backend:
-    if kind == "sentencepiece":
-        return SentencePieceBackend(path)
-    if kind == "tokenizers":
-        return TokenizersBackend(path)
-    raise JaonnxError(f"unknown tokenizer backend {kind!r}: re-export the artifact with this jaonnx")
+    """The tokenizer file at `path`; a missing or corrupt file is a one-line JaonnxError."""
+    if kind not in BACKENDS:
+        raise JaonnxError(f"unknown tokenizer backend {kind!r}: re-export the artifact with this jaonnx")
+    try:
+        return BACKENDS[kind](Path(path))
+    except JaonnxError:
+        raise
+    except Exception as exc:  # sentencepiece RuntimeError, protobuf DecodeError, JSON/tokenizers errors
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise JaonnxError(
+            f"cannot read the tokenizer {path} ({exc.__class__.__name__}{': ' + first if first else ''}): "
+            "re-run `jaonnx export`"
+        ) from None
