@@ -268,30 +268,44 @@ def test_kv_ops_merge_and_select_equal_numpy(gen):
     np.testing.assert_array_equal(picked, expected[[4, 0]][:, :, 2:6])
 
 
-def test_ids_past_the_tokenizer_are_never_generated(artifacts, tmp_path):
-    """A checkpoint whose embedding table is padded past its tokenizer (manifest tokenizer_size
-    < vocab_size): generation and scoring never give those ids any probability."""
-    import json
+def test_ids_past_the_tokenizer_are_never_generated(twins_dir, tmp_path):
+    """A checkpoint whose embedding table is padded past its tokenizer, with padded rows that
+    win every argmax in transformers: jaonnx never generates, samples or scores those ids."""
     import shutil
 
-    plain = jaonnx.load(artifacts["gpt2-small-ja"])
-    options = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12)
-    greedy = plain.generate(PROMPTS[1], return_ids=True, **options).generated_ids
-    limit = max(greedy)  # the largest id greedy picks is now "padding"
-    padded = tmp_path / "padded"
-    shutil.copytree(artifacts["gpt2-small-ja"], padded)
-    manifest = json.loads((padded / "jaonnx.json").read_text(encoding="utf-8"))
-    manifest["tokenizer_size"] = limit
-    (padded / "jaonnx.json").write_text(json.dumps(manifest), encoding="utf-8")
-    gen = jaonnx.load(padded)
-    masked = gen.generate(PROMPTS[1], return_ids=True, **options).generated_ids
-    assert max(masked) < limit and masked != greedy
-    sampled = gen.generate([PROMPTS[1]] * 4, do_sample=True, top_k=0, seed=0, max_new_tokens=24, return_ids=True)
-    assert all(t < limit for r in sampled for t in r.generated_ids)
+    import transformers
+
+    from jaonnx_export.export import export
+
+    twin = tmp_path / "gpt2-small-ja"  # the twin's name: helpers load its tokenizer the card's way
+    shutil.copytree(twins_dir / "gpt2-small-ja", twin)
+    model = transformers.GPT2LMHeadModel.from_pretrained(twin)
+    size = model.config.vocab_size
+    prompt_ids = hf_tokenized(twin, PROMPTS[1])
+    first = hf_alone(model, prompt_ids, max_new_tokens=1)[0]
+    model.resize_token_embeddings(size + 8)
+    with torch.no_grad():
+        model.transformer.wte.weight[size:] = 20 * model.transformer.wte.weight[first]
+    model.save_pretrained(twin)
+    assert max(hf_alone(model, prompt_ids, max_new_tokens=4)) >= size  # unmasked, padding wins
+    manifest = export(str(twin), tmp_path / "art")
+    assert (manifest.vocab_size, manifest.tokenizer_size) == (size + 8, size)
+    gen = jaonnx.load(tmp_path / "art")
+    greedy = gen.generate(PROMPTS[1], do_sample=False, max_new_tokens=12, return_ids=True)
+    assert greedy.prompt_ids == prompt_ids and max(greedy.generated_ids) < size
+    sampled = gen.generate([PROMPTS[1]] * 4, do_sample=True, top_k=0, seed=0, max_new_tokens=16, return_ids=True)
+    assert all(t < size for r in sampled for t in r.generated_ids)
     engine = gen.engine()
-    engine.add_request(PROMPTS[1], request_id="lp", logprobs=5, **options)
+    engine.add_request(PROMPTS[1], request_id="lp", logprobs=5, do_sample=False, max_new_tokens=4)
     tops = [lp for out in drain_outputs(engine) for lp in (out.logprobs or [])]
-    assert all(t < limit for lp in tops for t, _ in lp.top)
+    assert tops and all(t < size for lp in tops for t, _ in lp.top)
+    assert np.isfinite(gen.score(PROMPTS[1]).log_likelihood)
+
+
+def hf_tokenized(twin, text: str) -> list[int]:
+    from helpers import hf_tokenizer
+
+    return hf_tokenizer(twin).encode(text, add_special_tokens=False)
 
 
 def drain_outputs(engine: GenerationEngine) -> list[RequestOutput]:

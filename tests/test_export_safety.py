@@ -262,7 +262,7 @@ def test_padded_vocabulary_is_masked_at_run_time(twins_dir, tmp_path):
 
 
 def test_export_code_does_not_import_the_twin_builder():
-    code = ("import sys, jaonnx_export.export, jaonnx_export.conversion, jaonnx_export.precision, "
+    code = ("import sys, jaonnx_export.export, jaonnx_export.precision, jaonnx_export.quality, "
             "jaonnx_export.corpus; print([m for m in sys.modules if m.startswith('jaonnx_export.twins')])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ from .tasks import TASKS
 from .typecheck import FieldError, build
 
 MANIFEST_NAME = "jaonnx.json"
+KV_LAYOUTS = ("concat", "static")  # decoder.kv_layout: how the graph holds its KV cache
 # 2: the resolved recipe is recorded (`recipe_spec`), plus `tokenizer_size` and `checks`.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
@@ -89,10 +90,14 @@ class Manifest:
             raise FieldError("manifest.decoder is missing for a text-generation artifact")
         sizes = {"vocab_size": manifest.vocab_size, "max_positions": manifest.max_positions,
                  "tokenizer_size": manifest.tokenizer_size or 1,
-                 **({f"decoder.{k}": v for k, v in asdict(manifest.decoder).items()} if manifest.decoder else {})}
+                 **({f"decoder.{k}": v for k, v in asdict(manifest.decoder).items() if k != "kv_layout"}
+                    if manifest.decoder else {})}
         bad = [name for name, value in sizes.items() if value < 1]
         if bad:
             raise FieldError(f"manifest.{bad[0]} must be positive")
+        if manifest.decoder is not None and manifest.decoder.kv_layout not in KV_LAYOUTS:
+            raise FieldError(f"manifest.decoder.kv_layout must be one of {', '.join(KV_LAYOUTS)}, "
+                             f"not {manifest.decoder.kv_layout!r}: upgrade jaonnx or re-export")
         if manifest.tokenizer_size is not None and manifest.tokenizer_size > manifest.vocab_size:
             raise FieldError("manifest.tokenizer_size is larger than manifest.vocab_size")
         if manifest.recipe_spec is not None and (manifest.recipe_spec.id, manifest.recipe_spec.task) != (
