@@ -71,7 +71,14 @@ class Calibrator:
 
 
 def peak_rss_mib() -> float | None:
-    """This process's peak resident set (MiB): getrusage where it exists, else psutil, else None."""
+    """This process's peak resident set (MiB). Linux: VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss does not: a child would report its parent's peak); else getrusage, psutil or None."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
     try:
         import resource
 
