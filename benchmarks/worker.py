@@ -79,15 +79,30 @@ def export(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _hf_fill_mask_model(engine: str, path: str, a: dict[str, Any]) -> Any:
+    """PyTorch, or a peer's model exported once into its cache directory (reused by later rounds)."""
+    cache = Path(a["peer_cache"]) if a.get("peer_cache") else None
     if engine == "optimum":
+        import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForMaskedLM
 
-        return ORTModelForMaskedLM.from_pretrained(path, export=True)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = a["threads"]
+        if cache and (cache / "model.onnx").is_file():
+            return ORTModelForMaskedLM.from_pretrained(cache, session_options=options)
+        model = ORTModelForMaskedLM.from_pretrained(path, export=True, session_options=options)
+        if cache:
+            model.save_pretrained(cache)
+        return model
     if engine == "openvino":
         from optimum.intel import OVModelForMaskedLM
 
-        return OVModelForMaskedLM.from_pretrained(path, export=True, load_in_8bit=a.get("int8", False),
-                                                  ov_config={"INFERENCE_NUM_THREADS": str(a["threads"])})
+        config = {"INFERENCE_NUM_THREADS": str(a["threads"])}
+        if cache and (cache / "openvino_model.xml").is_file():
+            return OVModelForMaskedLM.from_pretrained(cache, ov_config=config)
+        model = OVModelForMaskedLM.from_pretrained(path, export=True, load_in_8bit=a.get("int8", False), ov_config=config)
+        if cache:
+            model.save_pretrained(cache)
+        return model
     import torch
     import transformers
 
@@ -229,14 +244,37 @@ class _CT2:
 
         cache = Path(a["peer_cache"])
         if not (cache / "model.bin").is_file():
+            _pad_ct2_vocabulary()
             ctranslate2.converters.TransformersConverter(path).convert(str(cache), force=True)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.gen = ctranslate2.Generator(str(cache), device="cpu", compute_type="int8" if a.get("int8") else "float32",
                                          intra_threads=threads, inter_threads=1)
 
-    def generate(self, ids: list[list[int]], texts: list[str], n: int) -> None:
+    def generate(self, ids: list[list[int]], texts: list[str], n: int) -> int:
+        """n new greedy tokens; returns how many came out (checked once: CT2's max_length
+        semantics with include_prompt_in_result=False)."""
         tokens = [self.tok.convert_ids_to_tokens(row) for row in ids]
-        self.gen.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1, include_prompt_in_result=False)
+        out = self.gen.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1,
+                                      include_prompt_in_result=False)
+        got = len(out[0].sequences_ids[0])
+        if got != n:
+            raise RuntimeError(f"CTranslate2 generated {got} tokens where {n} were asked")
+        return got
+
+
+def _pad_ct2_vocabulary() -> None:
+    """The random checkpoints have more embedding rows than the twin tokenizer has pieces (the
+    real shape's vocab); CT2's converter insists they match, so name the extra ids."""
+    from ctranslate2.converters import transformers as ct2t
+
+    loader = ct2t._MODEL_LOADERS["GPT2Config"]
+    original = type(loader).get_vocabulary
+
+    def padded(self: Any, model: Any, tokenizer: Any) -> list[str]:
+        tokens = original(self, model, tokenizer)
+        return tokens + [f"<unused{i}>" for i in range(model.config.vocab_size - len(tokens))]
+
+    type(loader).get_vocabulary = padded
 
 
 class _GenAI:
