@@ -18,8 +18,9 @@ from ..errors import JaonnxError
 from ..session import default_threads
 from .bare import BareDecoder
 from .floor import floor_ms, kv_bytes, weight_bytes
-from .machine import peak_rss_mib, read_bandwidth_gbs
+from .machine import read_bandwidth_gbs
 from .profile import summarize_profile
+from .rss import peak_rss_of_run
 from .timing import interleave, stats, time_calls
 
 # Filler text: prompts of an exact token count are prefixes of it (any recipe's tokenizer).
@@ -65,7 +66,9 @@ def bench_artifact(directory: str | Path, *, threads: int | None = None, batches
         result |= _decoder(model, manifest, directory, result, batches, context, new_tokens, rounds, log)
     else:
         result |= _fill_mask(model, batches, rounds, log)
-    result["peak_rss_mib"] = peak_rss_mib()
+    log(f"peak RSS: a fresh process loads the artifact and runs it at batch {max(batches)}")
+    result["peak_rss_mib"] = peak_rss_of_run(directory, max(batches), threads)
+    result["peak_rss_batch"] = max(batches)
     if profile:
         log("profiling (a separate session with ORT's profiler on)")
         result["profile"] = _profile(directory, manifest.task, threads, context)

@@ -50,7 +50,8 @@ def table(r: dict[str, Any]) -> Table:
         for b, s in r["texts_per_s"].items():
             t.add_row(f"texts/s, batch {b}", _fmt(s, "texts/s"))
         t.add_row("memory read bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s")
-    t.add_row("peak RSS", f"{r['peak_rss_mib']:.0f} MiB" if r.get("peak_rss_mib") else "—")
+    t.add_row(f"peak RSS (load + run at batch {r.get('peak_rss_batch', '?')}, own process)",
+              f"{r['peak_rss_mib']:.0f} MiB" if r.get("peak_rss_mib") else "—")
     return t
 
 
