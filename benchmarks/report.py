@@ -167,8 +167,13 @@ def markdown(results: dict[str, Any]) -> str:
         verdict = "OK" if pipe <= plain * 1.15 else "CHECK: the baseline pipeline is slower than a plain forward"
         lines += ["", f"Baseline sanity (PyTorch fill-mask, seq {sanity[0]['seq']}): pipeline {pipe:.1f} ms vs plain "
                       f"forward {plain:.1f} ms, interleaved in one process, {sanity[0]['torch_threads']} torch threads: {verdict}"]
-    if results.get("unavailable"):
-        lines += ["", "## Unavailable columns", *[f"- {LABELS.get(e, e)}: {why}" for e, why in results["unavailable"].items()]]
+    missing = [f"- {LABELS.get(e, e)}: {why}" for e, why in results.get("unavailable", {}).items()]
+    for engine, rs in runs.get("generation", {}).items():
+        why = next((x["prompt_lookup"]["error"] for x in _rounds(rs) if "error" in x.get("prompt_lookup", {})), None)
+        if why:
+            missing.append(f"- prompt-lookup row ({LABELS.get(engine, engine)}): {why}")
+    if missing:
+        lines += ["", "## Unavailable columns and rows", *missing]
     fails = [f"- {area} / {LABELS.get(e, e)}: {x['error']}" for area, engs in runs.items() for e, rs in engs.items()
              for x in (rs if isinstance(rs, list) else [rs]) if isinstance(x, dict) and "error" in x]
     if fails:

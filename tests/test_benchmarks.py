@@ -68,11 +68,15 @@ def test_decode_rows_show_the_floor_multiple() -> None:
     assert "1.00 ms" in outside
 
 
-def test_failed_runs_are_recorded_not_hidden() -> None:
+def test_failed_runs_and_missing_rows_are_recorded_not_hidden() -> None:
     lat = [{"latency": {"32": {"median": 10.0}}}]
-    table = report.markdown(_results(fill_mask={"torch": lat, "optimum": [{"error": "fill_mask exited 1: boom"}]}))
+    gen = [{"decode": {"64": {"median": 5.0}}, "prompt_lookup": {"error": "unavailable: no prompt_lookup yet"}}]
+    table = report.markdown(_results(fill_mask={"torch": lat, "optimum": [{"error": "fill_mask exited 1: boom"}]},
+                                     generation={"jaonnx-fp32": gen}))
     assert "| failed |" in table
     assert "boom" in table.split("## Failed runs")[1]
+    missing = table.split("## Unavailable columns and rows")[1]
+    assert "jaonnx int4: export failed" in missing and "prompt-lookup row (jaonnx fp32): unavailable" in missing
 
 
 def test_timing_helpers() -> None:
