@@ -143,3 +143,4 @@ def test_jaonnx_bench_errors(tmp_path: Path, artifacts: dict[str, Path]) -> None
     assert_one_line_error(jaonnx_cli("bench", str(tmp_path)), "not an artifact directory")
     assert_one_line_error(jaonnx_cli("bench", str(artifacts["gpt2-small-ja"]), "--batches", "1,x"), "--batches")
     assert_one_line_error(jaonnx_cli("bench", str(artifacts["gpt2-small-ja"]), "--rounds", "0"), "--rounds")
+    assert_one_line_error(jaonnx_cli("bench", str(artifacts["gpt2-small-ja"]), "--threads", "-1"), "--threads")

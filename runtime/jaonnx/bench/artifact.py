@@ -51,8 +51,8 @@ def bench_artifact(directory: str | Path, *, threads: int | None = None, batches
                    bandwidth_gbs: float | None = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     import jaonnx
 
-    if rounds < 1 or new_tokens < 2 or context < 1 or not batches or min(batches) < 1:
-        raise JaonnxError("--rounds, --context and batches must be >= 1 and --new-tokens >= 2")
+    if rounds < 1 or new_tokens < 2 or context < 1 or not batches or min(batches) < 1 or (threads or 1) < 1:
+        raise JaonnxError("--rounds, --context, --threads and --batches must be >= 1 and --new-tokens >= 2")
     manifest = read_manifest(directory)
     threads = threads or default_threads()
     model = jaonnx.load(directory, providers="cpu", intra_op_threads=threads)
