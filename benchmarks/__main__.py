@@ -331,7 +331,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="~/.cache/jaonnx-benchmarks", help="checkpoints and artifacts, reused")
     parser.add_argument("--twins", help="an existing twins directory (tokenizers are taken from it)")
     parser.add_argument("--out", default=str(ROOT / "results"), help="where latest.md/json and plots go")
+    parser.add_argument("--venvs", help="directory holding the peer venvs .venv-<peer>/ (default: benchmarks/)")
     args = parser.parse_args(argv)
+    if args.venvs:
+        peers.VENVS = Path(args.venvs).expanduser().resolve()
     results = Suite(args).run()
     out = Path(args.out)
     report.write(results, out)

@@ -10,6 +10,7 @@ install their own transformers on top, which shadows the base one inside that ve
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+VENVS = Path(os.environ.get("JAONNX_BENCH_VENVS", ROOT))  # where .venv-<peer>/ live (--venvs)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ PEERS = {
 
 
 def venv_dir(key: str) -> Path:
-    return ROOT / f".venv-{key}"
+    return VENVS / f".venv-{key}"
 
 
 def python_of(key: str) -> Path:
