@@ -72,6 +72,7 @@ class Suite:
         self.quality: dict[str, Any] = {}
         self.results: dict[str, Any] = {"runs": {}, "sizes": {}, "unavailable": {}, "weight_bytes": {},
                                         "discarded": []}
+        self.failed_exports: set[tuple[str, str]] = set()
         self.calibrator = Calibrator(tolerance=args.slow_tolerance or float("inf"))
 
     def log(self, msg: str) -> None:
@@ -99,6 +100,8 @@ class Suite:
 
     def artifact(self, shape: Shape, precision: str) -> Path | None:
         out = self.work / "artifacts" / f"{shape.key}-{precision}"
+        if (shape.key, precision) in self.failed_exports:
+            return None
         if not (out / "jaonnx.json").is_file():
             self.log(f"exporting {shape.key} {precision}")
             args = {"src": str(self.source(shape)), "out": str(out)}
@@ -110,6 +113,7 @@ class Suite:
             if "error" in r:
                 self.notes.append(f"{shape.key} {precision} export failed: {r['error']}")
                 self.results["unavailable"][f"jaonnx-{precision}"] = f"export failed: {r['error']}"
+                self.failed_exports.add((shape.key, precision))
                 return None
             self.log(f"  {r['seconds']:.0f} s, peak RSS {r.get('peak_rss_mib', 0):.0f} MiB")
         import json
