@@ -1,6 +1,9 @@
-"""jaonnx benchmark suite: PyTorch eager vs jaonnx fp32 vs jaonnx int8 on CPU, in one run.
+"""jaonnx benchmark suite: PyTorch eager vs jaonnx fp32/int8/int4 vs the peers (Optimum ORTModel,
+optimum-intel OpenVINO, CTranslate2, onnxruntime-genai) on CPU, in one run.
 
-`python -m benchmarks [--quick] [--only fill_mask,generation,gpt1b,coldstart,size]`. Every
-measurement runs in its own subprocess (one at a time) so peak RSS is per engine and engines
-never share threads or allocators; results go to benchmarks/results/.
+`python -m benchmarks [--quick] [--only fill_mask,generation,gpt1b,coldstart,size] [--no-peers]`.
+Every measurement runs in its own subprocess (one at a time, peers with their own venv's python
+from benchmarks/.venv-<peer>/), in `--rounds` interleaved rounds with a machine-speed probe around
+each; the measuring core (timing, bandwidth/floor, RSS, ORT profile, bare ORT loop) is
+`jaonnx.bench`, shared with `jaonnx bench`. Results go to benchmarks/results/.
 """

@@ -1,4 +1,4 @@
-"""Timing, machine facts and the one-subprocess-per-measurement runner."""
+"""Machine facts and the one-subprocess-per-measurement runner (timing lives in jaonnx.bench)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,11 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent
-
-
-def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 2) -> dict[str, float]:
-    """p50/p90/mean in ms of `fn` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    arr = np.array(times)
-    return {"p50": float(np.percentile(arr, 50)), "p90": float(np.percentile(arr, 90)),
-            "mean": float(arr.mean()), "n": repeat}
 
 
 def machine() -> dict[str, Any]:
@@ -69,7 +52,8 @@ def run_worker(kind: str, args: dict[str, Any], threads: int, python: str | None
                timeout: float = 900) -> dict[str, Any]:
     """Run `benchmarks.worker` in a fresh process; returns its JSON plus wall time and peak RSS."""
     env = dict(os.environ, JAONNX_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               PYTHONPATH=str(ROOT.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=os.pathsep.join([str(ROOT.parent), str(ROOT.parent / "runtime"),
+                                            os.environ.get("PYTHONPATH", "")]))
     start, epoch = time.perf_counter(), time.time()
     proc = subprocess.Popen([python or sys.executable, "-m", "benchmarks.worker", kind, json.dumps(args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT.parent, text=True)

@@ -329,6 +329,16 @@ def _register_serve() -> None:
 _register_serve()
 
 
+def _register_bench() -> None:
+    """`jaonnx bench` lives in bench/ with the measuring core the benchmark suite shares."""
+    from .bench.command import bench
+
+    app.command()(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:
