@@ -58,6 +58,7 @@ def join_cost(artifact: Path, rows: int, context: int, repeats: int) -> dict[str
     import onnxruntime as ort
 
     import jaonnx
+    from jaonnx.bench.timing import time_calls
 
     gen = jaonnx.load(artifact, providers="cpu")
     batch = gen.new_batch()
@@ -82,14 +83,6 @@ def join_cost(artifact: Path, rows: int, context: int, repeats: int) -> dict[str
         return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[keep][:, :, 0:]), device, 0)
                 for v in main]
 
-    def timed(fn: Any) -> list[float]:
-        out = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - start) * 1e3)
-        return out
-
     cases = {
         "join_numpy_ms": lambda: numpy_merge(),
         "join_kv_ops_ms": lambda: gen.kv_ops.merge(main, new),
@@ -99,7 +92,7 @@ def join_cost(artifact: Path, rows: int, context: int, repeats: int) -> dict[str
     runs: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(3):  # interleaved rounds
         for name, fn in cases.items():
-            runs[name] += timed(fn)
+            runs[name] += time_calls(fn, repeats, warmup=0)
     cache_mb = sum(v.shape()[0] * v.shape()[1] * v.shape()[2] * v.shape()[3] for v in main) * 4 / 1e6
     return {"rows": rows, "context": context, "cache_mb": round(cache_mb, 1),
             **{k: round(statistics.median(v), 3) for k, v in runs.items()},

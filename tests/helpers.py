@@ -73,3 +73,13 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def one_token_text(gen) -> str:
+    """A text the tokenizer encodes as a single token (a "▁word" piece of the vocabulary)."""
+    backend = gen.tokenizer.backend
+    for i in range(backend.vocab_size):
+        piece = backend.id_to_piece(i)
+        if piece.startswith("▁") and len(piece) > 1 and gen.encode(piece[1:]) == [i]:
+            return piece[1:]
+    raise AssertionError("no single-token word in the vocabulary")

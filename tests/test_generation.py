@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import export_via_cli, run_cli
-from helpers import hf_model, hf_tokenizer
+from helpers import hf_model, hf_tokenizer, one_token_text
 
 import jaonnx
 from jaonnx.errors import JaonnxError
@@ -211,16 +211,6 @@ def test_external_data_always_is_movable_and_identical(twins_dir, cache_dir, tmp
 def test_gpt_1b_twin_has_the_real_depth(artifacts):
     shape = jaonnx.load(artifacts["rinna-gpt-1b"]).manifest.decoder
     assert shape.num_layers == 24 and shape.num_heads == 16
-
-
-def one_token_text(gen) -> str:
-    """A text the tokenizer encodes as a single token (a "▁word" piece of the vocabulary)."""
-    backend = gen.tokenizer.backend
-    for i in range(backend.vocab_size):
-        piece = backend.id_to_piece(i)
-        if piece.startswith("▁") and len(piece) > 1 and gen.encode(piece[1:]) == [i]:
-            return piece[1:]
-    raise AssertionError("no single-token word in the vocabulary")
 
 
 @pytest.mark.parametrize(

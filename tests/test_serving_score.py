@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from helpers import hf_model
+from helpers import hf_model, one_token_text
 
 import jaonnx
 from jaonnx.errors import JaonnxError
@@ -175,16 +175,6 @@ def test_generated_token_logprobs_match_transformers(server: Any, gpt2: Any, ech
 def test_scoring_errors(server: Any, path: str, body: Any, status: int, field: str) -> None:
     url, _ = server
     assert_json_error(httpx.post(url + path, json=body, timeout=60), status, field)
-
-
-def one_token_text(gen: Any) -> str:
-    """A text the tokenizer encodes as a single token (a "▁word" piece of the vocabulary)."""
-    backend = gen.tokenizer.backend
-    for i in range(backend.vocab_size):
-        piece = backend.id_to_piece(i)
-        if piece.startswith("▁") and len(piece) > 1 and gen.encode(piece[1:]) == [i]:
-            return piece[1:]
-    raise AssertionError("no single-token word in the vocabulary")
 
 
 def test_one_token_texts(server: Any, gpt2: Any) -> None:
