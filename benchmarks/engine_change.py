@@ -144,7 +144,8 @@ def markdown(meta: dict[str, Any], levels: list[dict[str, Any]], join: dict[str,
         a, b = join[f"{op}_numpy_ms"], join[f"{op}_kv_ops_ms"]
         lines.append(f"| {op} | {a:.2f} ({join[f'{op}_numpy_p90_ms']:.2f}) | {b:.2f} ({join[f'{op}_kv_ops_p90_ms']:.2f}) "
                      f"| {a / b:.2f}x |")
-    lines += ["", f"## Join/leave soak: {soaked['seconds']:.0f} s, {soaked['requests']} requests, "
+    lines += ["", f"## Join/leave soak ({soaked.get('artifact', meta['model'])}): {soaked['seconds']:.0f} s, "
+                  f"{soaked['requests']} requests, "
                   f"{soaked['tokens']} tokens", "",
               f"RSS first {soaked['rss_first_mib']} MiB, max {soaked['rss_max_mib']} MiB, last "
               f"{soaked['rss_last_mib']} MiB; growth after the first minute: "
@@ -160,6 +161,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--soak-s", type=float, default=300)
+    parser.add_argument("--soak-artifact", type=Path, help="artifact for the soak (default: ARTIFACT)")
     parser.add_argument("--note", default="")
     parser.add_argument("--parts", default="join,http,soak", help="which parts to run; the others are read "
                         "from an earlier engine.json (the soak measures RSS, not speed: it may share the machine)")
@@ -171,7 +173,9 @@ def main() -> None:
     print(join, flush=True)
     levels = (http_levels(args.before, artifact, [int(x) for x in args.levels.split(",")], args.repeats,
                           args.new_tokens) if "http" in parts else old["levels"])
-    soaked = soak(artifact, args.soak_s, max_batch=16) if "soak" in parts else old["soak"]
+    soaked = soak(args.soak_artifact or artifact, args.soak_s, max_batch=16) if "soak" in parts else old["soak"]
+    if "soak" in parts:
+        soaked["artifact"] = (args.soak_artifact or artifact).name
     meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
             "model": artifact.name, "note": args.note}
     RESULTS.mkdir(exist_ok=True)
