@@ -36,7 +36,7 @@ def test_failed_export_leaves_the_previous_artifact(artifacts, twins_dir, tmp_pa
     shutil.copytree(artifacts["gpt2-small-ja"], out)
     before = digest(out)
     proc = jaonnx_cli("export", str(twins_dir / "gpt2-small-ja"), "-o", str(out), "--parity-atol", "1e-12",
-                      "--verbose", timeout=600)
+                      "--kv-cache", "concat", "--verbose", timeout=600)  # concat is traced: TracerWarnings
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: parity check failed"), proc.stderr
     assert "TracerWarning" in proc.stderr  # --verbose lets them through

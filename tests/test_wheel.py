@@ -24,7 +24,7 @@ need("build", "dev")
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DATA = ["jaonnx/serving/static/index.html", "jaonnx/serving/static/app.js", "jaonnx/serving/static/style.css",
-                "jaonnx_export/twins/corpus_ja.txt"]
+                "jaonnx_export/data/corpus_ja.txt", "jaonnx/generation/kv_ops/merge_float32.onnx"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -81,7 +81,7 @@ def test_runtime_imports_without_torch(installed: Any, artifacts: dict[str, Path
         f"gen = jaonnx.load({str(artifacts['gpt2-small-ja'])!r})\n"
         "print(gen.generate('東京は', max_new_tokens=4, do_sample=False))\n"
         "assert r.files('jaonnx.serving').joinpath('static/index.html').read_text().count('playground')\n"
-        "assert r.files('jaonnx_export.twins').joinpath('corpus_ja.txt').read_text(encoding='utf-8')\n"
+        "assert r.files('jaonnx_export').joinpath('data/corpus_ja.txt').read_text(encoding='utf-8')\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]\n"
     )
     out = run([str(bin_dir / "python"), "-c", code], work, env).stdout.strip()
