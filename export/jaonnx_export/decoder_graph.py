@@ -85,9 +85,29 @@ def build(model: Any, path: Path) -> None:
 
     nodes: list[Any] = []
     inits: list[Any] = []
+    data_name = path.name + ".data"
+    data = open(path.parent / data_name, "wb")  # closed once the graph is written
+    offset = 0
 
     def init(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        """Small tensors inline; weights streamed straight into the data file (one page-aligned
+        tensor at a time), so building never holds a second copy of the model's weights."""
+        nonlocal offset
+        array = np.ascontiguousarray(array)
+        if array.nbytes < 1024:
+            inits.append(numpy_helper.from_array(array, name))
+            return name
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        padding = -offset % 4096
+        data.write(b"\0" * padding)
+        offset += padding
+        data.write(array.data)
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        offset += array.nbytes
+        inits.append(tensor)
         return name
 
     def node(op: str, ins: list[str], out: str, domain: str = "", **attrs: Any) -> str:
@@ -156,8 +176,8 @@ def build(model: Any, path: Path) -> None:
                                                          helper.make_opsetid(MS_DOMAIN, 1)],
                                    producer_name="jaonnx")
     onnx_model.ir_version = 9
-    onnx.save_model(onnx_model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+    data.close()
+    onnx.save_model(onnx_model, str(path))
 
 
 # ---- feeds for one sequence (parity and quality checks run the graph without IO binding) ----
