@@ -355,9 +355,8 @@ def generation(a: dict[str, Any]) -> dict[str, Any]:
 def _jaonnx_extras(d: _Jaonnx, a: dict[str, Any]) -> dict[str, Any]:
     """The bare ORT loop over the same graph (per-token work outside the graph = the gap) and
     prompt lookup on an input-grounded prompt, where the generate API offers it."""
-    import inspect
-
     from jaonnx.bench.bare import BareDecoder
+    from jaonnx.generation import GENERATION_OPTIONS
 
     extra: dict[str, Any] = {"bare_decode": {}}
     bare = BareDecoder(a["path"], threads=a["threads"])
@@ -365,7 +364,7 @@ def _jaonnx_extras(d: _Jaonnx, a: dict[str, Any]) -> dict[str, Any]:
         bare.step_times(int(ctx), 2)
         extra["bare_decode"][ctx] = stats([stats(bare.step_times(int(ctx), a["steps"])).median
                                            for _ in range(a["repeat"])]).to_dict()
-    if "prompt_lookup" not in inspect.signature(d.gen.generate).parameters:
+    if "prompt_lookup" not in {option.name for option in GENERATION_OPTIONS}:
         extra["prompt_lookup"] = {"error": "unavailable: generate() has no prompt_lookup option yet"}
         return extra
     text, n = a["lookup_prompt"], a["new_tokens"]
