@@ -178,23 +178,3 @@ def build(model: Any, path: Path) -> None:
     onnx_model.ir_version = 9
     data.close()
     onnx.save_model(onnx_model, str(path))
-
-
-# ---- feeds for one sequence (parity and quality checks run the graph without IO binding) ----
-
-
-def empty_cache(shape: DecoderShape, batch: int, capacity: int, dtype: type = np.float32) -> dict[str, np.ndarray]:
-    return {f"past_key_values.{i}.{kv}": np.zeros((batch, shape.num_heads, capacity, shape.head_dim), dtype=dtype)
-            for i in range(shape.num_layers) for kv in ("key", "value")}
-
-
-def sequence_feed(shape: DecoderShape, new: list[int], past: int, keep: int) -> dict[str, np.ndarray]:
-    """Inputs (cache excluded) for `new` tokens appended to one row that holds `past` tokens."""
-    total = past + len(new)
-    return {
-        "input_ids": np.array([new], dtype=np.int64),
-        "position_ids": np.arange(past, total, dtype=np.int64)[None],
-        "seqlens_k": np.array([total - 1], dtype=np.int32),
-        "total_sequence_length": np.array(total, dtype=np.int32),
-        "logits_to_keep": np.array([keep], dtype=np.int64),
-    }

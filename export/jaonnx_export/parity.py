@@ -11,16 +11,7 @@ import numpy as np
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
 
-from .references import (  # noqa: F401  (precision.py imports these names from here)
-    DEFAULT_TEXTS,
-    DECODE_STEPS,
-    ParityReference,
-    empty_past,
-    masked_batch,
-    mlm_feed,
-    prefill_feed,
-    torch_masked_lm,
-)
+from .references import DECODE_STEPS, ParityReference
 
 
 def tolerance(reference: list[np.ndarray]) -> float:

@@ -34,7 +34,7 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
     token masked (every position); causal LM on each full sentence (every position)."""
     import torch
 
-    from .parity import masked_batch, torch_masked_lm
+    from .references import masked_batch, torch_masked_lm
 
     ref = Reference(manifest.task)
     if manifest.task == "fill-mask":

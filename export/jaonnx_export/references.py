@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from jaonnx.artifact import Manifest
 from jaonnx.tokenization import RecipeTokenizer
 
 DEFAULT_TEXTS = [
@@ -101,34 +100,3 @@ def masked_batch(tokenizer: RecipeTokenizer, texts: list[str]) -> tuple[np.ndarr
         ids[middle] = tokenizer.mask_id
         rows.append(ids)
     return right_padded(rows, tokenizer.special_ids.get("pad", 0))
-
-
-def mlm_feed(input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Graph inputs asking for logits at every position (what parity and quality compare)."""
-    every = np.broadcast_to(np.arange(input_ids.shape[1], dtype=np.int64), input_ids.shape).copy()
-    return {"input_ids": input_ids, "attention_mask": mask, "mask_positions": every}
-
-
-def empty_past(manifest: Manifest, batch: int) -> dict[str, np.ndarray]:
-    shape = manifest.decoder
-    return {
-        name: np.zeros((batch, shape.num_heads, 0, shape.head_dim), dtype=np.float32)
-        for name in manifest.inputs
-        if name.startswith("past_key_values.")
-    }
-
-
-def prefill_feed(manifest: Manifest, ids: list[int]) -> dict[str, np.ndarray]:
-    """Decoder inputs for one prompt against an empty cache, with logits at every position."""
-    n = len(ids)
-    if manifest.decoder.kv_layout == "static":
-        from .decoder_graph import empty_cache, sequence_feed
-
-        return sequence_feed(manifest.decoder, ids, 0, n) | empty_cache(manifest.decoder, 1, 0)
-    return {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, n), dtype=np.int64),
-        "position_ids": np.arange(n, dtype=np.int64)[None],
-        "logits_to_keep": np.array([n], dtype=np.int64),
-        **empty_past(manifest, 1),
-    }
