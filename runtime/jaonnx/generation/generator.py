@@ -185,10 +185,12 @@ class TextGenerator(ArtifactModel):
         if not texts:
             raise JaonnxError("no prompts given: pass a prompt or a non-empty list of prompts", "prompt")
         options["max_new_tokens"] = max_new_tokens
-        settings = [self.settings(len(self.encode(t)), **options) for t in texts]  # every error before any work
+        encoded = [self.encode(t) for t in texts]
+        settings = [self.settings(len(ids), **options) for ids in encoded]  # every error before any work
         n = settings[0].num_return_sequences
         engine = self.engine(max_batch_size=max(1, n * len(texts)))
-        collector = ResultCollector(texts, [engine.add_request(t, **options) for t in texts], n)
+        request_ids = [engine.add_request(ids, settings=s) for ids, s in zip(encoded, settings)]
+        collector = ResultCollector(texts, request_ids, n)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 collector.take(out)
@@ -204,10 +206,12 @@ class TextGenerator(ArtifactModel):
             raise JaonnxError("stream takes one prompt (a str)", "prompt")
         options.setdefault("num_return_sequences", 1)
         options["max_new_tokens"] = max_new_tokens
-        if self.settings(len(self.encode(prompt)), **options).num_return_sequences != 1:
+        ids = self.encode(prompt)
+        settings = self.settings(len(ids), **options)
+        if settings.num_return_sequences != 1:
             raise JaonnxError("stream makes one sequence: leave num_return_sequences at 1", "num_return_sequences")
         engine = self.engine(max_batch_size=1)
-        engine.add_request(prompt, **options)
+        engine.add_request(ids, settings=settings)
         return self._pieces(engine)
 
     @staticmethod
