@@ -3,14 +3,30 @@
 The generation engine talks to the model only through this protocol, so a new cache layout
 (a preallocated, in-place buffer; a GPU-resident batch) is one new class, not a new loop.
 Rows are numbered 0..rows-1 in the order they joined; `keep` renumbers them.
+
+A prompt joins in one of two ways: `add` prefills whole prompts in one forward, or `open` /
+`fill` / `join` prefill one prompt chunk by chunk outside the running batch (the engine's
+chunked prefill, interleaved with the running rows' `step`s), starting from cached prefix KV
+when there is some. Every logits array a BatchDecoder returns has the ids past the tokenizer
+masked to -inf (`graph_io.GraphIO.logits`), so no caller has to.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+
+
+@dataclass
+class JoiningRow:
+    """One prompt being prefilled outside the running batch; its cache is the layout's own."""
+
+    length: int  # positions held
+    reserve: int  # the most positions the row will reach once running (prompt + generated)
+    cache: Any  # concat: one-row OrtValues; static: one-row buffers
 
 
 class BatchDecoder(Protocol):
@@ -36,3 +52,16 @@ class BatchDecoder(Protocol):
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Full-sequence logits float32 [len(ids), vocab] of one text, for scoring; the
         running batch is left as it was."""
+
+    def open(self, reserve: int, prefix: Any = None) -> JoiningRow:
+        """A new joining row, empty or holding `prefix`: cached KV, a host array
+        [past names, heads, positions, head_dim] (see `read`)."""
+
+    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to a joining row; the last position's logits float32 [vocab]."""
+
+    def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
+        """A host copy of positions start..end-1 of a joining row's cache (for the prefix cache)."""
+
+    def join(self, row: JoiningRow, copies: int = 1) -> None:
+        """Append `copies` rows holding the joining row's cache to the running batch."""

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Manifest
+from .batch import JoiningRow
+from .graph_io import GraphIO
 
 
 def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,20 +43,23 @@ class DecoderSession:
         import onnxruntime as ort
 
         self.ort = ort
+        self.io = GraphIO(session, manifest)
         self.session = session
-        self.shape = manifest.decoder
-        self.past_names = [n for n in manifest.inputs if n.startswith("past_key_values.")]
-        self.present_names = [n for n in manifest.outputs if n.startswith("present.")]
-        # fp16 artifacts take and return an fp16 cache; logits stay fp32.
-        self.past_dtype = np.float16 if manifest.inputs.get(self.past_names[0]) == "float16" else np.float32
-        on_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
-        self.device = "cuda" if on_cuda else "cpu"
+        self.shape = self.io.shape
+        self.past_names = self.io.past_names
+        self.present_names = self.io.present_names
+        self.past_dtype = self.io.dtype  # fp16 artifacts take and return an fp16 cache; logits stay fp32
+        self.device = self.io.device
 
     def empty(self, rows: int) -> list[Any]:
         """A zero-length cache for `rows` rows."""
-        empty = np.zeros((rows, self.shape.num_heads, 0, self.shape.head_dim), dtype=self.past_dtype)
-        value = self.ort.OrtValue.ortvalue_from_numpy(empty, self.device, 0)
-        return [value] * len(self.past_names)
+        heads, head_dim = self.io.row_shape
+        return self.cache(np.zeros((len(self.past_names), rows, heads, 0, head_dim), dtype=self.past_dtype))
+
+    def cache(self, kv: np.ndarray) -> list[Any]:
+        """OrtValues on the cache's device from a host array [names, rows, heads, length, head_dim]."""
+        return [self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x, dtype=self.past_dtype), self.device, 0)
+                for x in kv]
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: list[Any], keep: int = 1
@@ -72,7 +77,7 @@ class DecoderSession:
             binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
+        return self.io.logits(outputs[0].numpy()), list(outputs[1:])
 
 
 class KVOps:
@@ -147,6 +152,35 @@ class ConcatBatchDecoder:
             self.past, self.mask = past, mask
         self.next_positions = np.concatenate([self.next_positions, positions[:, -1] + 1])
         return logits[:, -1]
+
+    # ---- joining rows (chunked prefill): a one-row cache of its own, merged in by `join` ----
+    def open(self, reserve: int, prefix: np.ndarray | None = None) -> JoiningRow:
+        cache = self.decoder.empty(1) if prefix is None else self.decoder.cache(prefix[:, None])
+        return JoiningRow(0 if prefix is None else prefix.shape[2], reserve, cache)
+
+    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+        k = len(tokens)
+        total = row.length + k
+        logits, row.cache = self.decoder.forward(
+            np.array([tokens], dtype=np.int64), np.ones((1, total), dtype=np.int64),
+            np.arange(row.length, total, dtype=np.int64)[None], row.cache, keep=1,
+        )
+        row.length = total
+        return logits[0, -1]
+
+    def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
+        return np.stack([value.numpy()[0, :, start:end] for value in row.cache])
+
+    def join(self, row: JoiningRow, copies: int = 1) -> None:
+        past = row.cache if copies == 1 else self.ops.select(row.cache, np.zeros(copies, dtype=np.int64), 0, row.length)
+        mask = np.ones((copies, row.length), dtype=np.int64)
+        if self.rows:
+            width = max(self.width, row.length)
+            self.past = self.ops.merge(self.past, past)
+            self.mask = np.concatenate([_left_pad(self.mask, width), _left_pad(mask, width)])
+        else:
+            self.past, self.mask = past, mask
+        self.next_positions = np.concatenate([self.next_positions, np.full(copies, row.length, dtype=np.int64)])
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(self.rows, -1)

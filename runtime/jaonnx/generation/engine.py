@@ -6,11 +6,16 @@
         for out in engine.step():
             print(out.request_id, out.index, out.new_text, out.finished)
 
-Every `step()` runs one decode forward for all running rows, prefills the requests that fit,
-samples one token per row with each request's own settings and RNG, and returns what each
-sequence produced. A request joins the batch between steps and leaves it as soon as it is
-finished or aborted. `TextGenerator.generate`/`stream` and the HTTP server all drive this one
-loop; the engine owns the KV cache (through a `BatchDecoder`) and all per-request state.
+This module is the engine core (vLLM v1's scheduler and busy loop): every `step()` runs one
+decode forward for all running rows, then prefills joining prompts under a token budget
+(`max_prefill_tokens`: a long prompt is prefilled in chunks over several steps, so running
+rows keep getting tokens meanwhile), starting from cached prefix KV where a prompt begins like
+an earlier one (`prefix_cache`), samples one token per row with each request's own settings
+and RNG, and hands the tokens to output processing (`output.py`: text, stop strings,
+logprobs, `RequestOutput`s). Prompt lookup lives in `prompt_lookup.py`. A request joins the
+batch as soon as its prompt is prefilled and leaves it as soon as it is finished or aborted.
+`TextGenerator.generate`/`stream` and the HTTP server all drive this one loop; the engine owns
+the KV cache (through a `BatchDecoder`) and all per-request state.
 """
 
 from __future__ import annotations
@@ -24,58 +29,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import JaonnxError
-from .batch import BatchDecoder
-from ..numeric import log_softmax
+from . import prompt_lookup
+from .batch import BatchDecoder, JoiningRow
+from .output import Decode, OutputProcessor, RequestOutput, SequenceState, TokenLogprob
+from .prefix_cache import DEFAULT_MB, PrefixCache
 from .sampling import SamplingSettings, next_tokens
-from .streaming import IncrementalText
 
-Decode = Callable[[list[int]], str]
+__all__ = ["DEFAULT_PREFILL_TOKENS", "GenerationEngine", "RequestOutput", "TokenLogprob"]
 
-
-@dataclass
-class TokenLogprob:
-    """A generated token's log-probability under the model (before sampling processors) and
-    the `top` most likely alternatives, most likely first."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class RequestOutput:
-    """What one sequence of a request produced in one `step()`.
-
-    A request with `num_return_sequences = n` has n sequences, told apart by `index`
-    (0..n-1); each reports its own `finished`. `new_text` is stream-safe: text that could
-    still change (an incomplete character, a possible stop string) is held back until final.
-    `token_ids` and `text` are everything generated so far (text cut at a stop string).
-    """
-
-    request_id: str
-    index: int
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "eos" | "stop" | "length" once finished
-    prompt: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
-
-
-@dataclass
-class _Sequence:
-    detok: IncrementalText
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # the text so far, cut at a stop string
-    emitted: str = ""  # the part of it already reported as final
-    finish_reason: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
+# Prompt tokens prefilled per step. Chosen by measurement (benchmarks/head_of_line.py, GPT-2
+# small shape int8, 2 threads): small enough that the running streams' longest gap stays a few
+# decode steps, large enough that a long prompt's time to first token barely grows.
+DEFAULT_PREFILL_TOKENS = 64
 
 
 @dataclass
@@ -85,10 +50,11 @@ class _Request:
     settings: SamplingSettings
     rng: np.random.Generator
     prompt_text: str
-    sequences: list[_Sequence]
+    sequences: list[SequenceState]
     steps: int = 0
     logits: np.ndarray | None = None  # [n, vocab] or, after a speculative block, [n, k, vocab]
     drafted: list[int] = field(default_factory=list)  # tokens under verification (prompt lookup)
+    joining: JoiningRow | None = None  # the prompt's cache while it is prefilled
 
     @property
     def rows(self) -> int:
@@ -97,6 +63,10 @@ class _Request:
     @property
     def finished(self) -> bool:
         return all(s.done for s in self.sequences)
+
+    @property
+    def reserve(self) -> int:
+        return len(self.prompt_ids) + self.settings.max_new_tokens
 
 
 class GenerationEngine:
@@ -111,21 +81,32 @@ class GenerationEngine:
         resolve: Callable[..., SamplingSettings],
         pad_id: int,
         max_batch_size: int = 16,
-        vocab_limit: int | None = None,
+        max_prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        prefix_cache: bool = True,
+        prefix_cache_mb: float = DEFAULT_MB,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise JaonnxError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}", "max_batch_size")
+        if max_prefill_tokens is not None and (not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1):
+            raise JaonnxError(f"max_prefill_tokens must be an integer >= 1 (or None: whole prompts), "
+                              f"got {max_prefill_tokens!r}", "max_prefill_tokens")
+        if not isinstance(prefix_cache_mb, (int, float)) or prefix_cache_mb < 0:
+            raise JaonnxError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}", "prefix_cache_mb")
         self.batch = batch
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache else None
+        self.output = OutputProcessor(decode)
         self._decode = decode
         self._encode = encode
         self._resolve = resolve
         self._pad = pad_id
-        self._vocab_limit = vocab_limit  # ids from here on are embedding padding the tokenizer lacks
         self._waiting: deque[_Request] = deque()
+        self._prefilling: list[_Request] = []  # admitted, prompt not yet fully in the cache
         self._running: list[_Request] = []
         self._ids = itertools.count()
         self.tokens_generated = 0  # over the engine's life, for throughput figures
+        self.prompt_tokens_computed = 0  # prompt tokens prefilled (cached prefixes not counted)
         self.last_step_rows = 0  # rows the last step() decoded
 
     # ---- requests ---------------------------------------------------------------------------
@@ -161,7 +142,7 @@ class GenerationEngine:
         self._waiting.append(
             _Request(
                 request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text,
-                [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)],
+                self.output.sequences(prompt_ids, settings.num_return_sequences),
             )
         )
         return request_id
@@ -173,6 +154,10 @@ class GenerationEngine:
             if req.request_id == request_id:
                 del self._waiting[i]
                 return True
+        for i, req in enumerate(self._prefilling):
+            if req.request_id == request_id:
+                del self._prefilling[i]  # its cache is its own: nothing in the batch changes
+                return True
         for req in self._running:
             if req.request_id == request_id:
                 self._running_keep([r for r in self._running if r is not req])
@@ -180,7 +165,7 @@ class GenerationEngine:
         return False
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._waiting or self._running)
+        return bool(self._waiting or self._prefilling or self._running)
 
     @property
     def num_running_rows(self) -> int:
@@ -188,17 +173,20 @@ class GenerationEngine:
 
     @property
     def num_waiting_requests(self) -> int:
-        return len(self._waiting)
+        """Requests whose prompts are not fully prefilled yet (queued or mid-prefill)."""
+        return len(self._waiting) + len(self._prefilling)
 
     def _find(self, request_id: str) -> _Request | None:
-        return next((r for r in itertools.chain(self._waiting, self._running) if r.request_id == request_id), None)
+        requests = itertools.chain(self._waiting, self._prefilling, self._running)
+        return next((r for r in requests if r.request_id == request_id), None)
 
     # ---- one iteration ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One decode forward for the running rows, prefill of the requests that fit, one
-        sampled token (or a verified speculative block) per row. Returns each sequence's news."""
+        """One decode forward for the running rows, up to `max_prefill_tokens` of joining
+        prompts, one sampled token (or a verified speculative block) per row. Returns each
+        sequence's news; a prompt finished this step yields its first token in this step."""
         self._forward()
-        self._admit()
+        self._prefill()
         self.last_step_rows = self.batch.rows
         outputs: list[RequestOutput] = []
         for req in self._running:
@@ -216,36 +204,49 @@ class GenerationEngine:
             logits = self.batch.step(np.array(last, dtype=np.int64)[:, None])[:, 0]
         else:  # prompt lookup runs for a lone request: its one row carries the block
             logits = self.batch.step(np.array([last + drafted[0]], dtype=np.int64))
-        self._mask_padding(logits)
         row = 0
         for req in self._running:
             req.logits = logits[row : row + req.rows]
             row += req.rows
 
-    def _admit(self) -> None:
-        """Prefill, in one batch, the waiting requests that fit (first come, first served)."""
+    def _prefill(self) -> None:
+        """Admit waiting requests whose rows fit (first come, first served), then prefill their
+        prompts in order, at most `max_prefill_tokens` tokens this step. A prompt that is done
+        joins the running batch now and is sampled in this step."""
         if any(r.drafted for r in self._running):
-            return  # a speculative block is being verified: join on the next step
-        rows, joining = self.num_running_rows, []
+            return  # a speculative block is being verified (its rejects are cut from every row)
+        rows = self.num_running_rows + sum(r.rows for r in self._prefilling)
         while self._waiting and rows + self._waiting[0].rows <= self.max_batch_size:
-            joining.append(self._waiting.popleft())
-            rows += joining[-1].rows
-        if not joining:
-            return
-        prompts = [req.prompt_ids for req in joining for _ in range(req.rows)]
-        reserve = max(len(req.prompt_ids) + req.settings.max_new_tokens for req in joining)
-        logits = self.batch.add(prompts, reserve)
-        self._mask_padding(logits)
-        start = 0
-        for req in joining:
-            req.logits = logits[start : start + req.rows]
-            start += req.rows
-        self._running.extend(joining)
+            self._prefilling.append(self._waiting.popleft())
+            rows += self._prefilling[-1].rows
+        budget = self.max_prefill_tokens or sum(len(r.prompt_ids) for r in self._prefilling)
+        while self._prefilling and budget > 0:
+            req = self._prefilling[0]
+            if req.joining is None:
+                req.joining = self._open(req)
+            start = req.joining.length
+            chunk = req.prompt_ids[start : start + budget]
+            logits = self.batch.fill(req.joining, chunk)
+            budget -= len(chunk)
+            self.prompt_tokens_computed += len(chunk)
+            if req.joining.length < len(req.prompt_ids):
+                break  # the budget is spent; the next step goes on
+            self._join(self._prefilling.pop(0), logits)
 
-    def _mask_padding(self, logits: np.ndarray) -> None:
-        """An embedding table padded past the tokenizer: those ids are never picked."""
-        if self._vocab_limit is not None and logits.shape[-1] > self._vocab_limit:
-            logits[..., self._vocab_limit :] = -np.inf
+    def _open(self, req: _Request) -> JoiningRow:
+        """A joining row for `req`, holding the longest cached prefix of its prompt."""
+        cached, kv = self.prefix_cache.lookup(req.prompt_ids) if self.prefix_cache else (0, None)
+        return self.batch.open(req.reserve, kv if cached else None)
+
+    def _join(self, req: _Request, logits: np.ndarray) -> None:
+        row = req.joining
+        assert row is not None
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(req.prompt_ids, lambda start, end: self.batch.read(row, start, end))
+        self.batch.join(row, req.rows)
+        req.joining = None
+        req.logits = np.repeat(logits[None], req.rows, axis=0)
+        self._running.append(req)
 
     def _running_keep(self, keep: list[_Request]) -> None:
         if len(keep) == len(self._running):
@@ -266,7 +267,7 @@ class GenerationEngine:
         else:
             accepted = [self._sample(req)]
         new: list[list[int]] = [[] for _ in req.sequences]
-        new_logprobs: list[list[TokenLogprob]] = [[] for _ in req.sequences]
+        new_logits: list[list[np.ndarray]] = [[] for _ in req.sequences]
         s = req.settings
         for tokens, logits in accepted:
             for i, seq in enumerate(req.sequences):
@@ -277,7 +278,7 @@ class GenerationEngine:
                 new[i].append(token)
                 self.tokens_generated += 1
                 if s.logprobs is not None:
-                    new_logprobs[i].append(_logprob(logits[i], token, s.logprobs))
+                    new_logits[i].append(logits[i])
                 if token == s.eos_token_id:
                     seq.finish_reason = "eos"
             req.steps += 1
@@ -290,18 +291,7 @@ class GenerationEngine:
         req.logits = None
         if s.prompt_lookup and not req.finished:
             req.drafted = self._draft(req)
-        outputs = []
-        for i, seq in enumerate(req.sequences):
-            if not new[i]:
-                continue
-            piece = self._update_text(req, seq, new[i])
-            outputs.append(
-                RequestOutput(
-                    req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
-                    list(seq.generated), seq.text, new_logprobs[i] if s.logprobs is not None else None,
-                )
-            )
-        return outputs
+        return self.output.outputs(req.request_id, req.prompt_text, req.prompt_ids, s, req.sequences, new, new_logits)
 
     def _sample(self, req: _Request) -> tuple[np.ndarray, np.ndarray]:
         assert req.logits is not None
@@ -312,74 +302,19 @@ class GenerationEngine:
         tokens = np.where([seq.done for seq in req.sequences], self._pad, tokens)
         return tokens, req.logits
 
-    def _update_text(self, req: _Request, seq: _Sequence, new: list[int]) -> str:
-        """Extend the sequence's text by its new tokens (cut at a stop string) and return the
-        part that is now final."""
-        if seq.finish_reason == "stop":
-            return ""
-        seq.detok.push(new)
-        if seq.done:
-            seq.detok.finish()
-        stops = req.settings.stop
-        text = seq.detok.text
-        if stops:
-            look = max(0, len(seq.text) - max(map(len, stops)))  # a stop may straddle the old end
-            cut = min((i for i in (text.find(s, look) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                if not seq.done:
-                    seq.finish_reason = "stop"
-        seq.text = text
-        if seq.done:
-            ready = text
-        else:
-            hold = max(map(len, stops), default=1) - 1  # a stop string may be starting
-            ready = text[: len(text) - hold] if hold else text
-        if not ready.startswith(seq.emitted) or len(ready) <= len(seq.emitted):
-            return ""
-        piece, seq.emitted = ready[len(seq.emitted) :], ready
-        return piece
-
     # ---- prompt lookup (n-gram speculation, exact for greedy) --------------------------------
     def _draft(self, req: _Request) -> list[int]:
-        """Up to `prompt_lookup` tokens that followed the latest earlier occurrence of the
-        sequence's last n-gram (n = 3, 2, 1) in prompt + generated text."""
-        if req.rows != 1 or len(self._running) > 1 or self._waiting:
+        if req.rows != 1 or len(self._running) > 1 or self._waiting or self._prefilling:
             return []  # speculation pays off for a lone sequence; a shared batch decodes plainly
         seq = req.sequences[0]
         room = req.settings.max_new_tokens - len(seq.generated) - 1
-        limit = min(req.settings.prompt_lookup, room)
-        if limit <= 0:
-            return []
-        context = req.prompt_ids + seq.generated
-        for n in (3, 2, 1):
-            if len(context) <= n:
-                continue
-            tail = context[-n:]
-            for start in range(len(context) - n - 1, -1, -1):
-                if context[start : start + n] == tail:
-                    follow = context[start + n : start + n + limit]
-                    if follow:
-                        return follow
-        return []
+        return prompt_lookup.draft(req.prompt_ids + seq.generated, min(req.settings.prompt_lookup, room))
 
     def _verify(self, req: _Request) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Greedy-check a drafted block verified in one forward: keep the drafted tokens the
-        model itself would pick, plus the model's own token after the last one kept; drop
-        the cache positions of the rejected ones."""
         assert req.logits is not None
-        block = req.logits[0]  # [1 + drafted, vocab]
         drafted, req.drafted = req.drafted, []
-        seq = req.sequences[0]
-        accepted: list[tuple[np.ndarray, np.ndarray]] = []
-        history = req.prompt_ids + seq.generated
-        for j in range(len(drafted) + 1):
-            logits = block[j : j + 1]
-            token = next_tokens(logits, [history], req.steps + j, req.settings, req.rng)
-            accepted.append((token, logits))
-            history = history + [int(token[0])]
-            if j == len(drafted) or int(token[0]) != drafted[j] or int(token[0]) == req.settings.eos_token_id:
-                break
+        history = req.prompt_ids + req.sequences[0].generated
+        accepted = prompt_lookup.verify(req.logits[0], drafted, history, req.steps, req.settings, req.rng)
         self.batch.discard(len(drafted) + 1 - len(accepted))
         return accepted
 
@@ -392,9 +327,3 @@ def _token_ids(prompt: Sequence[int]) -> list[int]:
     if not ids:
         raise JaonnxError("empty prompt: pass some text or token ids to continue", "prompt")
     return ids
-
-
-def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
-    lp = log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
-    best = np.argsort(-lp, kind="stable")[:top] if top else []
-    return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])

@@ -164,11 +164,13 @@ class TextGenerator(ArtifactModel):
         KV-cache layout."""
         return BATCH_DECODERS[self.manifest.decoder.kv_layout](self)
 
-    def engine(self, max_batch_size: int = 16) -> GenerationEngine:
-        """A continuous-batching engine over this model: add_request / step / abort_request."""
+    def engine(self, max_batch_size: int = 16, **options: Any) -> GenerationEngine:
+        """A continuous-batching engine over this model: add_request / step / abort_request.
+        `options`: the engine's scheduling options (`max_prefill_tokens`, `prefix_cache`,
+        `prefix_cache_mb`; see `GenerationEngine`)."""
         return GenerationEngine(
             self.new_batch(), decode=self.decode, encode=self.encode, resolve=self.settings,
-            pad_id=self.pad_id, max_batch_size=max_batch_size, vocab_limit=self.manifest.tokenizer_size,
+            pad_id=self.pad_id, max_batch_size=max_batch_size, **options,
         )
 
     # ---- public API -----------------------------------------------------------------------
@@ -273,11 +275,7 @@ class TextGenerator(ArtifactModel):
         if len(ids) < 2:
             raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
         check_position_budget(len(ids), 0, self.manifest.max_positions)
-        logits = self.new_batch().logits(ids)[: len(ids) - 1]
-        limit = self.manifest.tokenizer_size
-        if limit is not None and logits.shape[-1] > limit:  # ids past the tokenizer are never generated
-            logits[:, limit:] = -np.inf
-        return log_softmax(logits)
+        return log_softmax(self.new_batch().logits(ids)[: len(ids) - 1])  # padded ids are masked there
 
 
 # KV-cache layout (manifest `decoder.kv_layout`) -> the BatchDecoder that drives it.

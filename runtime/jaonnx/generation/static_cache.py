@@ -20,8 +20,9 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..errors import JaonnxError
+from .batch import JoiningRow
+from .graph_io import GraphIO
 
-PAST = "past_key_values."
 MIN_CAPACITY = 64
 
 
@@ -31,17 +32,17 @@ class StaticBatchDecoder:
     def __init__(self, session: Any, manifest: Manifest) -> None:
         import onnxruntime as ort
 
-        shape = manifest.decoder
-        if shape is None or shape.kv_layout != "static":
+        if manifest.decoder is None or manifest.decoder.kv_layout != "static":
             raise JaonnxError("StaticBatchDecoder needs an artifact exported with --kv-cache static")
         self._ort = ort
+        self.io = GraphIO(session, manifest)
         self.session = session
-        self.shape = shape
-        self.max_positions = manifest.max_positions
-        self.past_names = [n for n in manifest.inputs if n.startswith(PAST)]
-        self.present_names = ["present." + n[len(PAST):] for n in self.past_names]
-        self.dtype = np.float16 if manifest.inputs[self.past_names[0]] == "float16" else np.float32
-        self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.shape = self.io.shape
+        self.max_positions = self.io.max_positions
+        self.past_names = self.io.past_names
+        self.present_names = self.io.present_names
+        self.dtype = self.io.dtype
+        self.device = self.io.device
         self.lengths = np.zeros(0, dtype=np.int64)  # tokens held by each active row
         self.slots = 0
         self.capacity = 0
@@ -91,6 +92,45 @@ class StaticBatchDecoder:
         self.lengths = total
         return logits
 
+    # ---- joining rows (chunked prefill): a one-slot buffer of its own, copied in by `join` ----
+    def open(self, reserve: int, prefix: np.ndarray | None = None) -> JoiningRow:
+        capacity = min(self.max_positions, max(reserve, MIN_CAPACITY))
+        heads, head_dim = self.io.row_shape
+        arrays = [np.zeros((1, heads, capacity, head_dim), dtype=self.dtype) for _ in self.past_names]
+        length = 0
+        if prefix is not None:
+            length = prefix.shape[2]
+            for array, kv in zip(arrays, prefix):
+                array[0, :, :length] = kv
+        return JoiningRow(length, reserve, [self._device(a) for a in arrays])
+
+    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+        k, total = len(tokens), row.length + len(tokens)
+        capacity = self._shape_of(row.cache[0])[2]
+        if total > capacity:
+            raise JaonnxError(f"{total} positions exceed the joining row's {capacity}: raise its reserve")
+        binding = self._bind(row.cache, capacity, 0, 1)
+        logits = self._feed(binding, np.array([tokens], dtype=np.int64),
+                            np.arange(row.length, total, dtype=np.int64)[None], np.array([total - 1]), total, 1)
+        row.length = total
+        return logits[0, -1]
+
+    def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
+        return np.stack([self._host(b)[0, :, start:end] for b in row.cache])
+
+    def join(self, row: JoiningRow, copies: int = 1) -> None:
+        first = self.rows
+        self._ensure(first + copies, row.length, hint=row.reserve)
+        for buffer, source in zip(self._buffers, row.cache):
+            kv = self._host(source)[0, :, : row.length]
+            if isinstance(buffer, np.ndarray):
+                buffer[first : first + copies, :, : row.length] = kv
+            else:  # CUDA: ORT's Python API has no device-to-device copy; this goes through the host
+                array = buffer.numpy()
+                array[first : first + copies, :, : row.length] = kv
+                buffer.update_inplace(array)
+        self.lengths = np.concatenate([self.lengths, np.full(copies, row.length, dtype=np.int64)])
+
     def discard(self, n: int) -> None:
         if n < 0 or (self.rows and n >= int(self.lengths.min())):
             raise JaonnxError(f"discard({n}) must leave every row at least one token")
@@ -120,14 +160,17 @@ class StaticBatchDecoder:
         }
         empty = np.zeros((1, self.shape.num_heads, 0, self.shape.head_dim), dtype=self.dtype)
         feed |= {name: empty for name in self.past_names}
-        return self.session.run(["logits"], feed)[0][0].astype(np.float32, copy=False)
+        return self.io.logits(self.session.run(["logits"], feed)[0][0])
 
     # ---- the buffer ---------------------------------------------------------------------
 
     def _run(self, ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray, total: int, keep: int,
              first: int) -> np.ndarray:
         """Run rows first..first+len(ids)-1 of the buffer; their cache is read and written in place."""
-        binding = self._binding(first, len(ids))
+        return self._feed(self._binding(first, len(ids)), ids, positions, seqlens_k, total, keep)
+
+    def _feed(self, binding: Any, ids: np.ndarray, positions: np.ndarray, seqlens_k: np.ndarray, total: int,
+              keep: int) -> np.ndarray:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
@@ -135,25 +178,34 @@ class StaticBatchDecoder:
         binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
         binding.bind_output("logits", "cpu")  # rebound: the last run's logits have another shape
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        return self.io.logits(binding.get_outputs()[0].numpy())
 
     def _binding(self, first: int, rows: int) -> Any:
-        """An IO binding with the cache of rows first..first+rows-1 bound as past and present.
-        Binding ~50 buffers costs ~0.4 ms, so the decode step's binding is kept until the
-        batch or the allocation changes."""
+        """The running batch's binding of rows first..first+rows-1. Binding ~50 buffers costs
+        ~0.4 ms, so the decode step's binding is kept until the batch or the allocation changes."""
         key = (first, rows, self.capacity, self._generation)
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
+        binding = self._bind(self._buffers, self.capacity, first, rows)
+        self._cached = (key, binding)
+        return binding
+
+    def _bind(self, buffers: list[Any], capacity: int, first: int, rows: int) -> Any:
+        """An IO binding with the cache of slots first..first+rows-1 of `buffers` bound as
+        both past and present (by address: ORT writes the new positions in place)."""
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
-        shape = [rows, self.shape.num_heads, self.capacity, self.shape.head_dim]
-        row_bytes = self.shape.num_heads * self.capacity * self.shape.head_dim * np.dtype(self.dtype).itemsize
-        for past, present, buffer in zip(self.past_names, self.present_names, self._buffers):
+        heads, head_dim = self.io.row_shape
+        shape = [rows, heads, capacity, head_dim]
+        row_bytes = heads * capacity * head_dim * np.dtype(self.dtype).itemsize
+        for past, present, buffer in zip(self.past_names, self.present_names, buffers):
             address = self._address(buffer) + first * row_bytes
             binding.bind_input(past, self.device, 0, self.dtype, shape, address)
             binding.bind_output(present, self.device, 0, self.dtype, shape, address)
-        self._cached = (key, binding)
         return binding
+
+    def _shape_of(self, buffer: Any) -> list[int]:
+        return list(buffer.shape) if isinstance(buffer, np.ndarray) else list(buffer.shape())
 
     def _address(self, buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
