@@ -126,6 +126,7 @@ class ConcatBatchDecoder:
 
     def __init__(self, decoder: DecoderSession, ops: KVOps, pad_id: int) -> None:
         self.decoder = decoder
+        self.io = decoder.io
         self.ops = ops
         self.pad_id = pad_id
         self.past: list[Any] = []

@@ -6,7 +6,8 @@ its tokens), so a key names a whole prefix exactly (no hash collisions) and prom
 a prefix share its blocks: 20 few-shot prompts with one 800-token prefix hold it once, where
 llama.cpp-style slot reuse would hold it once per slot. Memory is bounded by `max_bytes`;
 the least recently used block goes first, and a lookup touches a chain's blocks from the last
-to the first, so a parent is always more recent than its children and leaves go first.
+to the first, so a parent is always more recent than its children and leaves go first (a
+prompt longer than the bound keeps only its first blocks).
 
 Blocks are copies, so a row that later leaves, finishes or is aborted never changes them.
 """
@@ -87,14 +88,18 @@ class PrefixCache:
             return
         b = self.block_size
         start = len(chain) * b
-        kv = read(start, full * b)
+        kv = read(start, start + b)  # one block first: its size tells how many fit the bound
+        fit = self.max_bytes // max(1, kv.nbytes)
+        full = min(full, fit)  # a chain longer than the bound keeps its head: a tail alone is never reached
+        if full <= len(chain):
+            return
+        if full * b > start + b:
+            kv = read(start, full * b)
         parent = chain[-1][1].id if chain else 0
         for key, _ in reversed(chain):
             self._blocks.move_to_end(key)
         for i in range(len(chain), full):
             block = _Block(next(self._ids), np.ascontiguousarray(kv[:, :, (i * b - start) : ((i + 1) * b - start)]))
-            if block.kv.nbytes > self.max_bytes:
-                return
             self._evict(self.max_bytes - block.kv.nbytes)
             key = (parent, tuple(ids[i * b : (i + 1) * b]))
             self._blocks[key] = block

@@ -1,0 +1,199 @@
+"""Chunked prefill and automatic prefix caching in the generation engine, on both KV layouts
+(asserted from the manifest, so losing one fails loudly), checked against transformers' greedy
+run on each prompt alone and against the engine's own unchunked / cold runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import hf_model
+
+import jaonnx
+from jaonnx.errors import JaonnxError
+from jaonnx.generation.prefix_cache import PrefixCache
+
+LAYOUTS = {"static": "gpt2-small-ja", "concat": "rinna-gpt-1b"}
+SHORT = ["西田幾多郎は、", "4年に1度オリンピックは開かれる。"]
+PREFIX = "近年の機械学習は急速に進歩しているが、その一方で大学の研究者は" * 4
+SUFFIXES = ["東京の天気は", "西田幾多郎は、", "オリンピックは"]
+GREEDY = dict(do_sample=False, max_new_tokens=10, min_new_tokens=10)
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def layout(request, artifacts, twins_dir):
+    recipe = LAYOUTS[request.param]
+    gen = jaonnx.load(artifacts[recipe])
+    assert gen.manifest.decoder.kv_layout == request.param  # coverage of both layouts cannot vanish
+    return gen, hf_model(twins_dir / recipe)
+
+
+@pytest.fixture(scope="module")
+def gen(artifacts):
+    return jaonnx.load(artifacts["gpt2-small-ja"])
+
+
+def hf_greedy(model, ids: list[int], new: int = 10) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def run(engine, requests: list[tuple[int, str, str, dict]]) -> tuple[dict, dict]:
+    """Add each (step, request id, prompt, options) before that step; step until done.
+    Returns the final outputs and, per request id, the steps at which it produced tokens.
+    Final outputs carry every logprob of their sequence (not just the last step's)."""
+    finals, seen, logprobs, step = {}, {}, {}, 0
+    pending = sorted(requests, key=lambda r: r[0])
+    while engine.has_unfinished_requests() or pending:
+        while pending and pending[0][0] == step:
+            _, rid, prompt, options = pending.pop(0)
+            engine.add_request(prompt, request_id=rid, **options)
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(step)
+            logprobs.setdefault(out.request_id, []).extend(out.logprobs or [])
+            if out.finished:
+                finals[out.request_id] = out
+                out.logprobs = logprobs[out.request_id] if out.logprobs is not None else None
+        step += 1
+    return finals, seen
+
+
+def test_chunked_prefill_equals_unchunked_and_transformers_while_rows_run(layout):
+    gen, model = layout
+    long_prompt = PREFIX + SUFFIXES[0]
+    n_long = len(gen.encode(long_prompt))
+    chunk = 8
+    assert n_long > 5 * chunk  # several chunks
+    requests = [(0, "a", SHORT[0], dict(GREEDY, max_new_tokens=20, min_new_tokens=20)),
+                (0, "b", SHORT[1], dict(GREEDY, max_new_tokens=20, min_new_tokens=20)),
+                (2, "long", long_prompt, GREEDY)]
+    chunked, seen = run(gen.engine(max_prefill_tokens=chunk, prefix_cache=False), requests)
+    whole, _ = run(gen.engine(max_prefill_tokens=None, prefix_cache=False), requests)
+    for rid, prompt in (("a", SHORT[0]), ("b", SHORT[1]), ("long", long_prompt)):
+        expected = hf_greedy(model, gen.encode(prompt), len(chunked[rid].token_ids))
+        assert chunked[rid].token_ids == whole[rid].token_ids == expected, rid
+    # the running rows got a token in every step of the long prefill ...
+    chunks = -(-n_long // chunk)
+    assert all(s in seen["a"] for s in range(2, 2 + chunks))
+    # ... and the long prompt's first token came in the step its last chunk ran
+    assert seen["long"][0] == 2 + chunks - 1
+
+
+def test_seeded_sampling_is_identical_with_and_without_chunking(gen):
+    options = dict(do_sample=True, top_k=20, temperature=0.9, seed=7, max_new_tokens=12)
+    requests = [(0, "run", SHORT[0], dict(options, seed=3)), (1, "long", PREFIX + SUFFIXES[1], options)]
+    chunked, _ = run(gen.engine(max_prefill_tokens=5, prefix_cache=False), requests)
+    whole, _ = run(gen.engine(max_prefill_tokens=None, prefix_cache=False), requests)
+    assert {k: v.token_ids for k, v in chunked.items()} == {k: v.token_ids for k, v in whole.items()}
+
+
+def test_a_warm_prefix_gives_the_cold_ids_and_logprobs_equal_to_transformers(layout):
+    gen, model = layout
+    options = dict(GREEDY, logprobs=3)
+    target = PREFIX + SUFFIXES[2]
+    cold_engine = gen.engine(prefix_cache=False)
+    cold, _ = run(cold_engine, [(0, "t", target, options)])
+    assert cold_engine.prefix_cache is None
+    engine = gen.engine()
+    run(engine, [(0, "first", PREFIX + SUFFIXES[1], GREEDY)])
+    computed = engine.prompt_tokens_computed
+    warm, _ = run(engine, [(0, "t", target, options)])
+    cache = engine.prefix_cache
+    assert cache.hits >= len(gen.encode(PREFIX)) - 2 * cache.block_size  # most of the prefix came from the cache
+    assert engine.prompt_tokens_computed - computed == len(gen.encode(target)) - cache.hits
+    assert warm["t"].token_ids == cold["t"].token_ids == hf_greedy(model, gen.encode(target))
+    assert len(warm["t"].logprobs) == len(cold["t"].logprobs) == 10
+    for w, c in zip(warm["t"].logprobs, cold["t"].logprobs):
+        assert w.token_id == c.token_id and [t for t, _ in w.top] == [t for t, _ in c.top]
+        np.testing.assert_allclose([w.logprob] + [v for _, v in w.top], [c.logprob] + [v for _, v in c.top],
+                                   atol=2e-4)
+    # against transformers' log-softmax at the first generated token
+    ids = gen.encode(target)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    first = warm["t"].logprobs[0]
+    assert abs(first.logprob - float(ref[first.token_id])) < 2e-3
+
+
+def test_eviction_under_a_tiny_bound_keeps_results_correct(layout):
+    gen, model = layout
+    block_bytes = gen.new_batch().io.token_bytes() * 16
+    engine = gen.engine(prefix_cache_mb=3.5 * block_bytes / (1 << 20))  # three blocks fit
+    prompts = [PREFIX + s for s in SUFFIXES] + [SUFFIXES[0] + PREFIX]
+    finals, _ = run(engine, [(i * 3, f"r{i}", p, GREEDY) for i, p in enumerate(prompts)])
+    cache = engine.prefix_cache
+    assert cache.evictions > 0 and cache.bytes <= cache.max_bytes and cache.blocks <= 3
+    for i, p in enumerate(prompts):
+        assert finals[f"r{i}"].token_ids == hf_greedy(model, gen.encode(p)), p
+
+
+def test_a_prefix_cached_from_an_aborted_row_is_still_correct(layout):
+    gen, model = layout
+    engine = gen.engine(max_prefill_tokens=16)
+    engine.add_request(PREFIX + SUFFIXES[0], request_id="gone", **GREEDY)
+    while engine.num_running_rows == 0:
+        engine.step()  # its prompt is prefilled (and cached); it is running
+    engine.step()
+    assert engine.abort_request("gone")
+    engine.add_request(PREFIX + SUFFIXES[1], request_id="mid", **GREEDY)
+    engine.step()
+    assert engine.abort_request("mid")  # aborted half-way through its prefill
+    hits = engine.prefix_cache.hits
+    target = PREFIX + SUFFIXES[2]
+    finals, _ = run(engine, [(0, "t", target, GREEDY)])
+    assert engine.prefix_cache.hits > hits
+    assert finals["t"].token_ids == hf_greedy(model, gen.encode(target))
+    assert not engine.has_unfinished_requests() and engine.batch.rows == 0
+
+
+def test_several_sequences_share_one_prefill(gen):
+    options = dict(do_sample=True, top_k=20, seed=5, max_new_tokens=8, num_return_sequences=3)
+    chunked, _ = run(gen.engine(max_prefill_tokens=6), [(0, "n", PREFIX, options)])
+    whole, _ = run(gen.engine(max_prefill_tokens=None, prefix_cache=False), [(0, "n", PREFIX, options)])
+    assert chunked["n"].token_ids == whole["n"].token_ids  # (the last index's final output)
+    engine = gen.engine(max_prefill_tokens=6)
+    engine.add_request(PREFIX, request_id="n", **options)
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.index] = out.token_ids
+    alone = gen.generate(PREFIX, return_ids=True, **options)
+    assert [outs[i] for i in range(3)] == [r.generated_ids for r in alone]
+
+
+@pytest.mark.parametrize("options, field", [
+    (dict(max_prefill_tokens=0), "max_prefill_tokens"),
+    (dict(max_prefill_tokens=2.5), "max_prefill_tokens"),
+    (dict(prefix_cache_mb=-1), "prefix_cache_mb"),
+    (dict(prefix_cache_mb="big"), "prefix_cache_mb"),
+])
+def test_bad_engine_options_are_one_line_errors_naming_the_field(gen, options, field):
+    with pytest.raises(JaonnxError) as info:
+        gen.engine(**options)
+    assert info.value.field == field and "\n" not in str(info.value)
+
+
+def test_prefix_cache_blocks_are_shared_and_leaves_are_evicted_first():
+    """Hand-built KV (position p holds the value p) so every returned value is checkable."""
+    def read_of(ids):
+        kv = np.arange(len(ids), dtype=np.float32)[None, None, :, None] * np.ones((2, 1, 1, 1), np.float32)
+        return lambda start, end: kv[:, :, start:end]
+
+    block_bytes = 2 * 4 * 4  # 2 names x 1 head x 4 positions x 1 dim x float32
+    cache = PrefixCache(max_bytes=4 * block_bytes, block_size=4)
+    a = list(range(10))  # two whole blocks (0-3, 4-7)
+    cache.store(a, read_of(a))
+    b = list(range(8)) + [50, 51, 52, 53, 54]  # shares both blocks, adds one (50-53)
+    cache.store(b, read_of(b))
+    assert cache.blocks == 3 and cache.bytes == 3 * block_bytes
+    n, kv = cache.lookup(b)
+    assert n == 12 and kv.shape == (2, 1, 12, 1) and kv[0, 0, :, 0].tolist() == list(range(12))
+    assert cache.lookup(list(range(5)))[0] == 4  # the last token is always left to compute
+    assert cache.lookup([9, 9, 9, 9, 9])[0] == 0
+    c = [7, 7, 7, 7, 8, 8, 8, 8, 1]
+    cache.store(c, read_of(c))  # needs two blocks: room for one -> the LRU leaf (50-53) goes
+    assert cache.evictions == 1 and cache.bytes <= cache.max_bytes
+    assert cache.lookup(b)[0] == 8 and cache.lookup(a)[0] == 8
+    assert (cache.queries, cache.hits) == (13 + 5 + 5 + 13 + 10, 12 + 4 + 0 + 8 + 8)
