@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import JaonnxError, load
+from ..generation.engine import DEFAULT_PREFILL_TOKENS
+from ..generation.prefix_cache import DEFAULT_MB
 from .batcher import FillMaskJob, FillMaskWorker, GenerationWorker, Worker
 from .events import generate_events, run, sse
 from .operations import check_options, install as install_operations
@@ -41,6 +43,11 @@ class ServeConfig:
     retry_after: int = 1  # seconds, sent with 503
     threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
     spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
+    # the generation engine's scheduling (engine.py): prompt tokens prefilled per step (None:
+    # whole prompts), and automatic prefix caching with its host-memory bound
+    max_prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS
+    prefix_cache: bool = True
+    prefix_cache_mb: float = DEFAULT_MB
     # operations (serving-prod): see operations.py
     api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
     metrics: bool = True  # /metrics and the instrumentation behind it
@@ -76,7 +83,9 @@ def load_models(artifact_dirs: Sequence[str | Path], config: ServeConfig, provid
         if model.task == "fill-mask":
             worker = FillMaskWorker(name, model, config.max_queue, config.max_batch_size, config.max_wait_ms / 1000)
         else:
-            worker = GenerationWorker(name, model, config.max_queue, config.max_batch_size)
+            engine_options = dict(max_prefill_tokens=config.max_prefill_tokens, prefix_cache=config.prefix_cache,
+                                  prefix_cache_mb=config.prefix_cache_mb)
+            worker = GenerationWorker(name, model, config.max_queue, config.max_batch_size, engine_options)
         served[name] = ServedModel(name, directory, model, worker)
     return served
 

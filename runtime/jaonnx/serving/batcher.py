@@ -81,6 +81,9 @@ class WorkerStats:
     max_batch_seen: int = 0
     active_rows: int = 0
     tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the engine's prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens whose KV was reused
+    prefix_cache_bytes: int = 0  # host memory the prefix cache holds now
 
 
 class Worker:
@@ -221,9 +224,11 @@ class GenerationWorker(Worker):
     job behind it waits (FIFO), so the bounded queue in front of the worker stays meaningful.
     """
 
-    def __init__(self, name: str, model: Any, max_queue: int, max_batch: int = 16) -> None:
+    def __init__(self, name: str, model: Any, max_queue: int, max_batch: int = 16,
+                 engine_options: dict[str, Any] | None = None) -> None:
         self.max_batch = max(1, max_batch)
-        self.engine = model.engine(max_batch_size=self.max_batch)
+        self.engine_options = dict(engine_options or {})  # max_prefill_tokens, prefix_cache, prefix_cache_mb
+        self.engine = model.engine(max_batch_size=self.max_batch, **self.engine_options)
         self._live: list[_Live] = []
         self._waiting: GenerationJob | None = None
         super().__init__(name, model, max_queue)
@@ -238,7 +243,13 @@ class GenerationWorker(Worker):
         if not self.engine.has_unfinished_requests():
             return
         before = self.engine.tokens_generated
+        cache = self.engine.prefix_cache
+        looked, hit = (cache.queries, cache.hits) if cache else (0, 0)
         outputs = self.engine.step()
+        if cache:
+            self.stats.prefix_cache_queries += cache.queries - looked
+            self.stats.prefix_cache_hits += cache.hits - hit
+            self.stats.prefix_cache_bytes = cache.bytes
         self.stats.batches += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
         self.stats.tokens += self.engine.tokens_generated - before
@@ -293,7 +304,7 @@ class GenerationWorker(Worker):
         for live in self._live:
             self._abort(live)
         self._live, self._waiting = [], None
-        self.engine = self.model.engine(max_batch_size=self.max_batch)  # a clean batch after a bug
+        self.engine = self.model.engine(max_batch_size=self.max_batch, **self.engine_options)  # a clean batch after a bug
         for job in jobs:
             self.stats.failed += 1
             _send(job, ("error", exc))

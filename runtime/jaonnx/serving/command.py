@@ -10,6 +10,8 @@ import typer
 
 from ..artifact import read_manifest
 from ..errors import JaonnxError
+from ..generation.engine import DEFAULT_PREFILL_TOKENS
+from ..generation.prefix_cache import DEFAULT_MB
 
 
 def _need(module: str, extra: str = "serve") -> None:
@@ -31,6 +33,9 @@ def serve(
     providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per model (default: physical cores).")] = None,
     spin: Annotated[bool, typer.Option("--spin/--no-spin", help="Let idle ORT threads busy-wait (faster alone, worse when models share cores).")] = False,
+    max_prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens prefilled per decode step, so a long prompt never stalls the running streams (0: whole prompts at once).")] = DEFAULT_PREFILL_TOKENS,
+    prefix_cache: Annotated[bool, typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse the KV of prompt prefixes already computed (automatic prefix caching).")] = True,
+    prefix_cache_mb: Annotated[float, typer.Option(help="Host memory the prefix cache may hold per model, in MiB (least recently used blocks go first).")] = DEFAULT_MB,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of one uvicorn process.")] = False,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (e.g. auto); default: start one.")] = None,
@@ -49,7 +54,9 @@ def serve(
     for path in artifacts:
         read_manifest(path)  # a one-line error for anything that is not a complete artifact
     options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                   request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
+                   request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin,
+                   max_prefill_tokens=max_prefill_tokens or None, prefix_cache=prefix_cache,
+                   prefix_cache_mb=prefix_cache_mb)
     # serving-prod: keys, metrics auth and access logs
     from types import SimpleNamespace
 

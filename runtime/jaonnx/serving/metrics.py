@@ -174,13 +174,23 @@ class _WorkerState:
         return []
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         waiting = GaugeMetricFamily("jaonnx:num_requests_waiting", "Requests queued for a model.", labels=["model_name"])
         running = GaugeMetricFamily("jaonnx:num_requests_running", "Requests a model's worker has taken up.",
                                     labels=["model_name"])
         batch = GaugeMetricFamily("jaonnx:batch_current_size", "Sequences in the running generation batch.",
                                   labels=["model_name"])
+        # vLLM's prefix-cache counters (tokens): generation workers only, so fill-mask has none
+        queries = CounterMetricFamily("jaonnx:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      labels=["model_name"])
+        hits = CounterMetricFamily("jaonnx:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
+                                   labels=["model_name"])
+        for name, m in self.metrics.served.items():
+            if m.task == "text-generation":
+                queries.add_metric([name], m.worker.stats.prefix_cache_queries)
+                hits.add_metric([name], m.worker.stats.prefix_cache_hits)
+        yield from (queries, hits)
         for name, m in self.metrics.served.items():
             queued = int(m.worker.queued)
             waiting.add_metric([name], queued)
