@@ -181,15 +181,14 @@ class _WorkerState:
                                     labels=["model_name"])
         batch = GaugeMetricFamily("jaonnx:batch_current_size", "Sequences in the running generation batch.",
                                   labels=["model_name"])
-        # vLLM's prefix-cache counters (tokens): generation workers only, so fill-mask has none
+        # vLLM's prefix-cache counters, in prompt tokens (a fill-mask worker's stay at 0)
         queries = CounterMetricFamily("jaonnx:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       labels=["model_name"])
         hits = CounterMetricFamily("jaonnx:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
                                    labels=["model_name"])
         for name, m in self.metrics.served.items():
-            if m.task == "text-generation":
-                queries.add_metric([name], m.worker.stats.prefix_cache_queries)
-                hits.add_metric([name], m.worker.stats.prefix_cache_hits)
+            queries.add_metric([name], m.worker.stats.prefix_cache_queries)
+            hits.add_metric([name], m.worker.stats.prefix_cache_hits)
         yield from (queries, hits)
         for name, m in self.metrics.served.items():
             queued = int(m.worker.queued)

@@ -1,0 +1,203 @@
+"""Head of line: what a long prompt does to the streams already running (issue 15, item 4).
+
+Scenario, against `jaonnx serve` (2 threads) on one artifact (GPT-2-small shape int8 by default):
+4 clients stream greedy generations; after `--warm-s` a ~900-token prompt arrives (one new
+token); right after it, an `echo` + `logprobs` completion of a ~300-token prompt. Reported per
+`--max-prefill-tokens` setting (0 = whole prompts, as before chunked prefill), settings taking
+turns round by round (A B C A B C ...) so a slow minute on the shared machine hits them all:
+
+- the streams' median / p99 / max gap between SSE events before, during and after the long
+  prefill (during = from the long request's send to its answer);
+- the long request's time to first token (its whole answer: it asks for one token);
+- the streams' total tokens/s over the run.
+
+    python -m benchmarks.head_of_line ART [--budgets 0,16,32,64,128] [--rounds 2]
+
+Writes benchmarks/results/head_of_line.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .common import machine
+from .serving_load import server_process
+
+RESULTS = Path(__file__).parent / "results"
+SENTENCES = ["近年の機械学習は急速に進歩している。", "東京は日本の首都であり、多くの人が住んでいる。",
+             "大学で自然言語処理の研究をしています。", "4年に1度オリンピックは開かれる。", "今日は天気が良いので散歩に出かけた。"]
+STREAM_PROMPTS = ["近年の機械学習は", "東京は日本の", "今日は天気が良いので", "大学で"]
+
+
+def prompt_of(artifact: Path, tokens: int) -> str:
+    """Text that encodes to about `tokens` tokens with the artifact's own tokenizer."""
+    import jaonnx
+
+    gen = jaonnx.load(artifact)
+    text, i = "", 0
+    while len(gen.encode(text or "。")) < tokens:
+        text += SENTENCES[i % len(SENTENCES)]
+        i += 1
+    ids = gen.encode(text)[:tokens]
+    return gen.decode(ids)
+
+
+def stream(url: str, model: str, prompt: str, new: int, arrivals: list[float]) -> None:
+    body = {"model": model, "prompt": prompt, "max_new_tokens": new, "min_new_tokens": new, "do_sample": False,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/generate", json=body, timeout=600) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                arrivals.append(time.perf_counter())
+
+
+def bursts(times: list[float], within_s: float = 0.001) -> list[float]:
+    """Event times with those that arrived together (one network read) merged: a gap inside a
+    burst is an artifact of buffering, not a token rate."""
+    out: list[float] = []
+    for t in times:
+        if not out or t - out[-1] > within_s:
+            out.append(t)
+    return out
+
+
+def gaps_in(arrivals: list[list[float]], start: float, end: float) -> list[float]:
+    """Gaps (ms) between consecutive bursts of each stream whose later burst falls in [start, end)."""
+    merged = [bursts(times) for times in arrivals]
+    return [(b - a) * 1000 for times in merged for a, b in zip(times, times[1:]) if start <= b < end]
+
+
+def summary(gaps: list[float]) -> dict[str, float]:
+    if not gaps:
+        return {"n": 0}
+    gaps = sorted(gaps)
+    return {"n": len(gaps), "median_ms": statistics.median(gaps), "p99_ms": gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+            "max_ms": gaps[-1]}
+
+
+def scenario(artifact: Path, budget: int, long_prompt: str, echo_prompt: str, new: int, warm_s: float,
+             threads: int) -> dict[str, Any]:
+    model = artifact.name
+    with server_process([artifact], threads=threads, max_prefill_tokens=budget, max_batch_size=8) as url:
+        httpx.post(url + "/v1/generate", json={"model": model, "prompt": "大学で", "max_new_tokens": 2}, timeout=120)
+        arrivals: list[list[float]] = [[] for _ in STREAM_PROMPTS]
+        threads_ = [threading.Thread(target=stream, args=(url, model, p, new, arrivals[i]))
+                    for i, p in enumerate(STREAM_PROMPTS)]
+        begin = time.perf_counter()
+        for t in threads_:
+            t.start()
+        time.sleep(warm_s)
+        echo_times: dict[str, float] = {}
+
+        def echo() -> None:
+            time.sleep(0.05)
+            t0 = time.perf_counter()
+            r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": echo_prompt, "max_tokens": 1,
+                                                          "echo": True, "logprobs": 1, "temperature": 0}, timeout=600)
+            echo_times.update(start=t0, end=time.perf_counter(), status=r.status_code)
+
+        echo_thread = threading.Thread(target=echo)
+        sent = time.perf_counter()
+        echo_thread.start()
+        r = httpx.post(url + "/v1/generate", json={"model": model, "prompt": long_prompt, "max_new_tokens": 1,
+                                                   "do_sample": False}, timeout=600)
+        done = time.perf_counter()
+        assert r.status_code == 200, r.text
+        echo_thread.join()
+        for t in threads_:
+            t.join()
+        end = max(times[-1] for times in arrivals)
+    tokens = sum(len(times) for times in arrivals)
+    return {
+        "max_prefill_tokens": budget,
+        "before": summary(gaps_in(arrivals, begin, sent)),
+        "during": summary(gaps_in(arrivals, sent, done)),
+        "during_echo": summary(gaps_in(arrivals, echo_times.get("start", sent), echo_times.get("end", sent))),
+        "after": summary(gaps_in(arrivals, done, float("inf"))),
+        "long_ttft_s": done - sent,
+        "echo_s": echo_times.get("end", 0) - echo_times.get("start", 0),
+        "stream_events_per_s": tokens / (end - begin),
+    }
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Head of line: a long prompt joins 4 running streams", "",
+        f"{meta['artifact']}, {meta['threads']} threads, {meta['rounds']} interleaved rounds (medians over rounds), "
+        f"long prompt {meta['long_tokens']} tokens (1 new token), echo+logprobs prompt {meta['echo_tokens']} tokens, "
+        f"streams of {meta['new']} tokens. Machine: {meta['machine']}. Gaps are between SSE events of the 4 streams.",
+        "",
+        "| max_prefill_tokens | gap median before (ms) | during: median / p99 / max (ms) | max / median | "
+        "max during echo (ms) | after median (ms) | long TTFT (s) | stream events/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d = r["during"]
+        med = r["before"].get("median_ms") or float("nan")
+        lines.append(
+            f"| {r['max_prefill_tokens'] or 'whole prompt'} | {med:.1f} | {d.get('median_ms', 0):.1f} / "
+            f"{d.get('p99_ms', 0):.1f} / {d.get('max_ms', 0):.0f} | {d.get('max_ms', 0) / med:.1f}x | "
+            f"{r['during_echo'].get('max_ms', 0):.0f} | {r['after'].get('median_ms', 0):.1f} | {r['long_ttft_s']:.2f} | "
+            f"{r['stream_events_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over rounds."""
+    def med(path: list[str]) -> float:
+        values = []
+        for r in runs:
+            v: Any = r
+            for p in path:
+                v = v.get(p, {}) if isinstance(v, dict) else {}
+            if isinstance(v, (int, float)):
+                values.append(float(v))
+        return statistics.median(values) if values else 0.0
+
+    out: dict[str, Any] = {"max_prefill_tokens": runs[0]["max_prefill_tokens"], "rounds": runs}
+    for window in ("before", "during", "during_echo", "after"):
+        out[window] = {k: med([window, k]) for k in ("median_ms", "p99_ms", "max_ms")}
+    for key in ("long_ttft_s", "echo_s", "stream_events_per_s"):
+        out[key] = med([key])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--budgets", default="0,16,32,64,128")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--long-tokens", type=int, default=900)
+    parser.add_argument("--echo-tokens", type=int, default=300)
+    parser.add_argument("--new", type=int, default=300)
+    parser.add_argument("--warm-s", type=float, default=3.0)
+    parser.add_argument("--out", default="head_of_line")
+    args = parser.parse_args()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    long_prompt, echo_prompt = prompt_of(args.artifact, args.long_tokens), prompt_of(args.artifact, args.echo_tokens)
+    runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
+    for round_ in range(args.rounds):
+        for b in budgets:
+            r = scenario(args.artifact, b, long_prompt, echo_prompt, args.new, args.warm_s, args.threads)
+            print(json.dumps({k: v for k, v in r.items()}), flush=True)
+            runs[b].append(r)
+    rows = [combine(runs[b]) for b in budgets]
+    meta = {"artifact": args.artifact.name, "threads": args.threads, "rounds": args.rounds, "new": args.new,
+            "long_tokens": args.long_tokens, "echo_tokens": args.echo_tokens, "machine": machine().get("cpu", "")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
