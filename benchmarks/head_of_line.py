@@ -2,12 +2,13 @@
 
 Scenario, against `jaonnx serve` (2 threads) on one artifact (GPT-2-small shape int8 by default):
 4 clients stream greedy generations; after `--warm-s` a ~900-token prompt arrives (one new
-token); right after it, an `echo` + `logprobs` completion of a ~300-token prompt. Reported per
+token); a second after its answer, an `echo` + `logprobs` completion of a ~300-token prompt
+(apart, so each one's effect on the streams is seen on its own). Reported per
 `--max-prefill-tokens` setting (0 = whole prompts, as before chunked prefill), settings taking
 turns round by round (A B C A B C ...) so a slow minute on the shared machine hits them all:
 
 - the streams' median / p99 / max gap between SSE events before, during and after the long
-  prefill (during = from the long request's send to its answer);
+  prefill (during = from the long request's send to its answer), and during the echo request;
 - the long request's time to first token (its whole answer: it asks for one token);
 - the streams' total tokens/s over the run.
 
@@ -37,12 +38,13 @@ SENTENCES = ["近年の機械学習は急速に進歩している。", "東京�
 STREAM_PROMPTS = ["近年の機械学習は", "東京は日本の", "今日は天気が良いので", "大学で"]
 
 
-def prompt_of(artifact: Path, tokens: int) -> str:
-    """Text that encodes to about `tokens` tokens with the artifact's own tokenizer."""
+def prompt_of(artifact: Path, tokens: int, start: int = 0) -> str:
+    """Text that encodes to about `tokens` tokens with the artifact's own tokenizer; `start`
+    rotates the sentences, so prompts of different starts share no cached prefix."""
     import jaonnx
 
     gen = jaonnx.load(artifact)
-    text, i = "", 0
+    text, i = "", start
     while len(gen.encode(text or "。")) < tokens:
         text += SENTENCES[i % len(SENTENCES)]
         i += 1
@@ -83,11 +85,14 @@ def summary(gaps: list[float]) -> dict[str, float]:
             "max_ms": gaps[-1]}
 
 
-def scenario(artifact: Path, budget: int, long_prompt: str, echo_prompt: str, new: int, warm_s: float,
-             threads: int) -> dict[str, Any]:
+def scenario(artifact: Path, budget: int, long_prompt: str, echo_prompt: str, warm_prompt: str, new: int,
+             warm_s: float, threads: int, echo_after_s: float = 1.0) -> dict[str, Any]:
     model = artifact.name
     with server_process([artifact], threads=threads, max_prefill_tokens=budget, max_batch_size=8) as url:
-        httpx.post(url + "/v1/generate", json={"model": model, "prompt": "大学で", "max_new_tokens": 2}, timeout=120)
+        # warm-up: a long prompt once, so the KV buffer has grown to the model's positions, as on
+        # any server that has seen one (that one-time growth is a stall with or without chunks)
+        httpx.post(url + "/v1/generate", json={"model": model, "prompt": warm_prompt, "max_new_tokens": 2,
+                                               "do_sample": False}, timeout=600)
         arrivals: list[list[float]] = [[] for _ in STREAM_PROMPTS]
         threads_ = [threading.Thread(target=stream, args=(url, model, p, new, arrivals[i]))
                     for i, p in enumerate(STREAM_PROMPTS)]
@@ -98,30 +103,28 @@ def scenario(artifact: Path, budget: int, long_prompt: str, echo_prompt: str, ne
         echo_times: dict[str, float] = {}
 
         def echo() -> None:
-            time.sleep(0.05)
             t0 = time.perf_counter()
             r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": echo_prompt, "max_tokens": 1,
                                                           "echo": True, "logprobs": 1, "temperature": 0}, timeout=600)
             echo_times.update(start=t0, end=time.perf_counter(), status=r.status_code)
 
-        echo_thread = threading.Thread(target=echo)
         sent = time.perf_counter()
-        echo_thread.start()
         r = httpx.post(url + "/v1/generate", json={"model": model, "prompt": long_prompt, "max_new_tokens": 1,
                                                    "do_sample": False}, timeout=600)
         done = time.perf_counter()
         assert r.status_code == 200, r.text
-        echo_thread.join()
+        time.sleep(echo_after_s)  # the echo request's own window, apart from the long prefill's
+        echo()
         for t in threads_:
             t.join()
         end = max(times[-1] for times in arrivals)
     tokens = sum(len(times) for times in arrivals)
     return {
         "max_prefill_tokens": budget,
-        "before": summary(gaps_in(arrivals, begin, sent)),
+        "before": summary(gaps_in(arrivals, begin + warm_s / 2, sent)),  # every stream is decoding by then
         "during": summary(gaps_in(arrivals, sent, done)),
         "during_echo": summary(gaps_in(arrivals, echo_times.get("start", sent), echo_times.get("end", sent))),
-        "after": summary(gaps_in(arrivals, done, float("inf"))),
+        "after": summary(gaps_in(arrivals, echo_times.get("end", done), float("inf"))),
         "long_ttft_s": done - sent,
         "echo_s": echo_times.get("end", 0) - echo_times.get("start", 0),
         "stream_events_per_s": tokens / (end - begin),
@@ -178,16 +181,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--long-tokens", type=int, default=900)
     parser.add_argument("--echo-tokens", type=int, default=300)
-    parser.add_argument("--new", type=int, default=300)
+    parser.add_argument("--new", type=int, default=400)
     parser.add_argument("--warm-s", type=float, default=3.0)
     parser.add_argument("--out", default="head_of_line")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
-    long_prompt, echo_prompt = prompt_of(args.artifact, args.long_tokens), prompt_of(args.artifact, args.echo_tokens)
+    long_prompt, echo_prompt = prompt_of(args.artifact, args.long_tokens), prompt_of(args.artifact, args.echo_tokens, 2)
+    warm_prompt = prompt_of(args.artifact, args.long_tokens + 8, 1)
     runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
     for round_ in range(args.rounds):
         for b in budgets:
-            r = scenario(args.artifact, b, long_prompt, echo_prompt, args.new, args.warm_s, args.threads)
+            r = scenario(args.artifact, b, long_prompt, echo_prompt, warm_prompt, args.new, args.warm_s, args.threads)
             print(json.dumps({k: v for k, v in r.items()}), flush=True)
             runs[b].append(r)
     rows = [combine(runs[b]) for b in budgets]

@@ -148,7 +148,8 @@ def test_a_prefix_cached_from_an_aborted_row_is_still_correct(layout):
     assert not engine.has_unfinished_requests() and engine.batch.rows == 0
 
 
-def test_several_sequences_share_one_prefill(gen):
+def test_several_sequences_share_one_prefill(layout):
+    gen, _ = layout
     options = dict(do_sample=True, top_k=20, seed=5, max_new_tokens=8, num_return_sequences=3)
     chunked, _ = run(gen.engine(max_prefill_tokens=6), [(0, "n", PREFIX, options)])
     whole, _ = run(gen.engine(max_prefill_tokens=None, prefix_cache=False), [(0, "n", PREFIX, options)])

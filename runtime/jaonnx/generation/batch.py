@@ -26,7 +26,7 @@ class JoiningRow:
 
     length: int  # positions held
     reserve: int  # the most positions the row will reach once running (prompt + generated)
-    cache: Any  # concat: one-row OrtValues; static: one-row buffers
+    cache: Any  # concat: its one-row OrtValues; static: None (it lives in the batch's buffer)
 
 
 class BatchDecoder(Protocol):
@@ -55,7 +55,9 @@ class BatchDecoder(Protocol):
 
     def open(self, reserve: int, prefix: Any = None) -> JoiningRow:
         """A new joining row, empty or holding `prefix`: cached KV, a host array
-        [past names, heads, positions, head_dim] (see `read`)."""
+        [past names, heads, positions, head_dim] (see `read`). A layout may hold one joining
+        row at a time (static: the slot above the running rows); opening another then drops
+        an unjoined earlier one, which is what an aborted prefill needs."""
 
     def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
         """Append `tokens` to a joining row; the last position's logits float32 [vocab]."""

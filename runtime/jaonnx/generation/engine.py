@@ -226,9 +226,12 @@ class GenerationEngine:
                 req.joining = self._open(req)
             start = req.joining.length
             chunk = req.prompt_ids[start : start + budget]
-            logits = self.batch.fill(req.joining, chunk)
+            row = req.joining
+            logits = self.batch.fill(row, chunk)
             budget -= len(chunk)
             self.prompt_tokens_computed += len(chunk)
+            if self.prefix_cache is not None:  # block by block as chunks finish: no copy spike at the end
+                self.prefix_cache.store(req.prompt_ids[: row.length], lambda a, b: self.batch.read(row, a, b))
             if req.joining.length < len(req.prompt_ids):
                 break  # the budget is spent; the next step goes on
             self._join(self._prefilling.pop(0), logits)
@@ -241,8 +244,6 @@ class GenerationEngine:
     def _join(self, req: _Request, logits: np.ndarray) -> None:
         row = req.joining
         assert row is not None
-        if self.prefix_cache is not None:
-            self.prefix_cache.store(req.prompt_ids, lambda start, end: self.batch.read(row, start, end))
         self.batch.join(row, req.rows)
         req.joining = None
         req.logits = np.repeat(logits[None], req.rows, axis=0)

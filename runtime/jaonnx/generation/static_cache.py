@@ -8,7 +8,9 @@ keys/values, at each row's own length (`seqlens_k`). Nothing is copied per step,
 different lengths need no padding, and positions are each row's own token count.
 
 Copies happen only when the layout changes: `keep` moves the surviving rows that sit above a
-freed slot, and a batch or context beyond the allocation reallocates once (doubling).
+freed slot, a batch or context beyond the allocation reallocates once (doubling), and a prompt
+prefilled in chunks (`open` / `fill`) is written straight into the slot above the running rows
+(outside their binding), so `join` copies nothing unless it makes n > 1 sequences.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class StaticBatchDecoder:
         self._buffers: list[Any] = []  # numpy arrays (CPU) or OrtValues (CUDA), one per past name
         self._generation = 0  # bumped on reallocation: cached bindings hold the old addresses
         self._cached: tuple[tuple[int, ...], Any] | None = None
+        self._joining: JoiningRow | None = None  # a prompt being prefilled into slot `rows`
 
     # ---- BatchDecoder -------------------------------------------------------------------
 
@@ -61,6 +64,7 @@ class StaticBatchDecoder:
         padding's keys land beyond each row's length, where nothing reads them."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise JaonnxError("add() needs at least one prompt, each with at least one token")
+        self._joining = None  # its slot is where these rows go
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         width = int(lengths.max())
         self._ensure(self.rows + len(prompts), width, hint=reserve)
@@ -92,44 +96,56 @@ class StaticBatchDecoder:
         self.lengths = total
         return logits
 
-    # ---- joining rows (chunked prefill): a one-slot buffer of its own, copied in by `join` ----
+    # ---- the joining row (chunked prefill): slot `rows`, just above the running rows ----------
+    # It is written in place, chunk by chunk, outside the running rows' binding, and becomes a
+    # running row by a change of `lengths`: no copy. One at a time (the engine prefills in
+    # order); opening another drops an unjoined one (its request was aborted).
     def open(self, reserve: int, prefix: np.ndarray | None = None) -> JoiningRow:
-        capacity = min(self.max_positions, max(reserve, MIN_CAPACITY))
-        heads, head_dim = self.io.row_shape
-        arrays = [np.zeros((1, heads, capacity, head_dim), dtype=self.dtype) for _ in self.past_names]
-        length = 0
+        length = 0 if prefix is None else prefix.shape[2]
+        self._joining = None
+        self._ensure(self.rows + 1, max(length, 1), hint=reserve)
+        row = JoiningRow(length, reserve, None)
         if prefix is not None:
-            length = prefix.shape[2]
-            for array, kv in zip(arrays, prefix):
-                array[0, :, :length] = kv
-        return JoiningRow(length, reserve, [self._device(a) for a in arrays])
+            self._write(self.rows, prefix)
+        self._joining = row
+        return row
 
     def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+        self._check_joining(row)
         k, total = len(tokens), row.length + len(tokens)
-        capacity = self._shape_of(row.cache[0])[2]
-        if total > capacity:
-            raise JaonnxError(f"{total} positions exceed the joining row's {capacity}: raise its reserve")
-        binding = self._bind(row.cache, capacity, 0, 1)
-        logits = self._feed(binding, np.array([tokens], dtype=np.int64),
-                            np.arange(row.length, total, dtype=np.int64)[None], np.array([total - 1]), total, 1)
+        self._ensure(self.rows + 1, total)
+        logits = self._run(np.array([tokens], dtype=np.int64), np.arange(row.length, total, dtype=np.int64)[None],
+                           np.array([total - 1]), total, 1, first=self.rows)
         row.length = total
         return logits[0, -1]
 
     def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
-        return np.stack([self._host(b)[0, :, start:end] for b in row.cache])
+        self._check_joining(row)
+        return np.stack([self._host(b)[self.rows, :, start:end] for b in self._buffers])
 
     def join(self, row: JoiningRow, copies: int = 1) -> None:
+        self._check_joining(row)
         first = self.rows
         self._ensure(first + copies, row.length, hint=row.reserve)
-        for buffer, source in zip(self._buffers, row.cache):
-            kv = self._host(source)[0, :, : row.length]
-            if isinstance(buffer, np.ndarray):
-                buffer[first : first + copies, :, : row.length] = kv
-            else:  # CUDA: ORT's Python API has no device-to-device copy; this goes through the host
-                array = buffer.numpy()
-                array[first : first + copies, :, : row.length] = kv
-                buffer.update_inplace(array)
+        if copies > 1:
+            self._move(list(range(first + 1, first + copies)), [first] * (copies - 1), row.length)
+        self._joining = None
         self.lengths = np.concatenate([self.lengths, np.full(copies, row.length, dtype=np.int64)])
+
+    def _check_joining(self, row: JoiningRow) -> None:
+        if row is not self._joining:
+            raise JaonnxError("this joining row was dropped (another was opened) or has joined already")
+
+    def _write(self, slot: int, kv: np.ndarray) -> None:
+        """Host KV [past names, heads, n, head_dim] into positions 0..n-1 of one slot."""
+        n = kv.shape[2]
+        for buffer, values in zip(self._buffers, kv):
+            if isinstance(buffer, np.ndarray):
+                buffer[slot, :, :n] = values
+            else:  # CUDA: through the host, as `_move`
+                array = buffer.numpy()
+                array[slot, :, :n] = values
+                buffer.update_inplace(array)
 
     def discard(self, n: int) -> None:
         if n < 0 or (self.rows and n >= int(self.lengths.min())):
@@ -141,10 +157,13 @@ class StaticBatchDecoder:
         if len(set(order)) != len(order) or any(not 0 <= r < self.rows for r in order):
             raise JaonnxError(f"keep() takes distinct row numbers below {self.rows}, got {order}")
         moves = [(dst, src) for dst, src in enumerate(order) if dst != src]
+        lengths = [int(self.lengths[src]) for _, src in moves]
+        if self._joining is not None and len(order) != self.rows:  # it stays just above the running rows
+            moves.append((len(order), self.rows))
+            lengths.append(self._joining.length)
         if moves:
             dst, src = (list(t) for t in zip(*moves))
-            used = int(self.lengths[src].max())
-            self._move(dst, src, used)
+            self._move(dst, src, max(lengths))
         self.lengths = self.lengths[order]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
@@ -204,9 +223,6 @@ class StaticBatchDecoder:
             binding.bind_output(present, self.device, 0, self.dtype, shape, address)
         return binding
 
-    def _shape_of(self, buffer: Any) -> list[int]:
-        return list(buffer.shape) if isinstance(buffer, np.ndarray) else list(buffer.shape())
-
     def _address(self, buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
 
@@ -223,14 +239,17 @@ class StaticBatchDecoder:
         new_capacity = self.capacity
         if capacity > self.capacity:
             new_capacity = min(self.max_positions, max(capacity, 2 * self.capacity, MIN_CAPACITY))
+        held = self.rows + (self._joining is not None)  # the joining row's slot moves along
         used = int(self.lengths.max()) if self.rows else 0
+        if self._joining is not None:
+            used = max(used, self._joining.length)
         shape = (new_slots, self.shape.num_heads, new_capacity, self.shape.head_dim)
-        old = [self._host(b) for b in self._buffers] if self.rows else []
+        old = [self._host(b) for b in self._buffers] if held else []
         fresh = []
         for i in range(len(self.past_names)):
             array = np.zeros(shape, dtype=self.dtype)
-            if old:
-                array[: self.rows, :, :used] = old[i][: self.rows, :, :used]
+            if old and used:
+                array[:held, :, :used] = old[i][:held, :, :used]
             fresh.append(self._device(array))
         self._buffers, self.slots, self.capacity = fresh, new_slots, new_capacity
         self._generation += 1
