@@ -184,8 +184,16 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=400)
     parser.add_argument("--warm-s", type=float, default=3.0)
     parser.add_argument("--out", default="head_of_line")
+    parser.add_argument("--in-process", action="store_true", help="CPU time per engine step at 1 thread instead")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
+    if args.in_process:
+        rows = engine_steps(args.artifact, budgets, args.rounds, args.long_tokens)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.out}_steps.json").write_text(json.dumps(rows, indent=1))
+        (RESULTS / f"{args.out}_steps.md").write_text(steps_markdown(rows, args.artifact.name, args.rounds))
+        print(steps_markdown(rows, args.artifact.name, args.rounds))
+        return
     long_prompt, echo_prompt = prompt_of(args.artifact, args.long_tokens), prompt_of(args.artifact, args.echo_tokens, 2)
     warm_prompt = prompt_of(args.artifact, args.long_tokens + 8, 1)
     runs: dict[int, list[dict[str, Any]]] = {b: [] for b in budgets}
@@ -205,3 +213,60 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def engine_steps(artifact: Path, budgets: list[int], rounds: int, long_tokens: int = 900) -> list[dict[str, Any]]:
+    """The same scenario in one process at 1 thread, timed in CPU seconds per `step()` (robust
+    on a shared machine, where wall-clock gaps mostly measure the other tenants): 4 greedy rows
+    decode, a `long_tokens` prompt joins; per budget, the median decode step before it, the
+    longest step while it is prefilled, and its time to first token (the steps' CPU sum)."""
+    import jaonnx
+
+    gen = jaonnx.load(artifact, intra_op_threads=1)
+    long_prompt, warm_prompt = prompt_of(artifact, long_tokens), prompt_of(artifact, long_tokens + 8, 1)
+    runs: dict[int, list[dict[str, float]]] = {b: [] for b in budgets}
+    for _ in range(rounds):
+        for b in budgets:
+            engine = gen.engine(max_batch_size=8, max_prefill_tokens=b or None, prefix_cache=False)
+            engine.add_request(warm_prompt, max_new_tokens=1)  # grows the KV buffer once (see scenario)
+            while engine.has_unfinished_requests():
+                engine.step()
+            for p in STREAM_PROMPTS:
+                engine.add_request(p, max_new_tokens=200, min_new_tokens=200, do_sample=False)
+            decode = []
+            for i in range(12):
+                t = time.process_time()
+                engine.step()
+                if i >= 4:
+                    decode.append(time.process_time() - t)
+            engine.add_request(long_prompt, request_id="long", max_new_tokens=1, do_sample=False)
+            during = []
+            while True:
+                t = time.process_time()
+                outs = engine.step()
+                during.append(time.process_time() - t)
+                if any(o.request_id == "long" for o in outs):
+                    break
+            med = statistics.median(decode)
+            runs[b].append({"decode_median_ms": med * 1000, "during_max_ms": max(during) * 1000,
+                            "max_over_median": max(during) / med, "long_ttft_cpu_s": sum(during), "steps": len(during)})
+            print(json.dumps({"max_prefill_tokens": b, **runs[b][-1]}), flush=True)
+    return [{"max_prefill_tokens": b, **{k: statistics.median(r[k] for r in runs[b]) for k in runs[b][0]}}
+            for b in budgets]
+
+
+def steps_markdown(rows: list[dict[str, Any]], artifact: str, rounds: int) -> str:
+    lines = [
+        "## In process, CPU time per step (1 thread)", "",
+        f"{artifact}: 4 greedy rows decoding, a 900-token prompt joins; CPU seconds per `engine.step()` "
+        f"(median of {rounds} interleaved rounds), so the other tenants of a shared machine do not count.", "",
+        "| max_prefill_tokens | decode step median (ms) | longest step during the prefill (ms) | longest / median | "
+        "long TTFT (CPU s) | TTFT vs whole prompt |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = next((r["long_ttft_cpu_s"] for r in rows if not r["max_prefill_tokens"]), None)
+    for r in rows:
+        ratio = f"{r['long_ttft_cpu_s'] / base:.2f}x" if base else "-"
+        lines.append(f"| {r['max_prefill_tokens'] or 'whole prompt'} | {r['decode_median_ms']:.1f} | "
+                     f"{r['during_max_ms']:.0f} | {r['max_over_median']:.1f}x | {r['long_ttft_cpu_s']:.2f} | {ratio} |")
+    return "\n".join(lines) + "\n"

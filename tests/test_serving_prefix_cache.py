@@ -41,6 +41,8 @@ def test_shared_prefix_requests_are_correct_and_counted(artifacts, twins_dir):
     assert delta(before, after, "jaonnx:prefix_cache_queries_total", model_name=GPT) == prompt_tokens
     hits = delta(before, after, "jaonnx:prefix_cache_hits_total", model_name=GPT)
     assert 16 <= hits < len(results[1]["prompt_ids"])  # the second request reused whole blocks of the first
+    held = delta({}, after, "jaonnx:prefix_cache_bytes", model_name=GPT)
+    assert held > 0 and held % (16 * app.state.served[GPT].model.new_batch().io.token_bytes()) == 0  # whole blocks
 
 
 def test_no_prefix_cache_counts_no_hits(artifacts):

@@ -253,9 +253,8 @@ class TextGenerator(ArtifactModel):
         offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
         top: list[dict[int, float]] = []
         if top_k:
-            known = logprobs[:, : self.tokenizer.vocab_size]  # a padded embedding table has ids past the tokenizer
-            part = np.argpartition(-known, top_k - 1, axis=-1)[:, :top_k]
-            order = np.argsort(-np.take_along_axis(known, part, axis=-1), axis=-1, kind="stable")
+            part = np.argpartition(-logprobs, top_k - 1, axis=-1)[:, :top_k]  # padded ids are -inf (BatchDecoder)
+            order = np.argsort(-np.take_along_axis(logprobs, part, axis=-1), axis=-1, kind="stable")
             best = np.take_along_axis(part, order, axis=-1)
             top = [{int(t): float(logprobs[i, t]) for t in best[i]} for i in range(n - 1)]
         return PromptLogprobs(text, ids, tokens, offsets, logprobs[np.arange(n - 1), ids[1:]].tolist(), top)

@@ -186,10 +186,13 @@ class _WorkerState:
                                       labels=["model_name"])
         hits = CounterMetricFamily("jaonnx:prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache.",
                                    labels=["model_name"])
+        held = GaugeMetricFamily("jaonnx:prefix_cache_bytes", "Host memory the prefix cache holds (bounded by "
+                                 "--prefix-cache-mb).", labels=["model_name"])
         for name, m in self.metrics.served.items():
             queries.add_metric([name], m.worker.stats.prefix_cache_queries)
             hits.add_metric([name], m.worker.stats.prefix_cache_hits)
-        yield from (queries, hits)
+            held.add_metric([name], m.worker.stats.prefix_cache_bytes)
+        yield from (queries, hits, held)
         for name, m in self.metrics.served.items():
             queued = int(m.worker.queued)
             waiting.add_metric([name], queued)
