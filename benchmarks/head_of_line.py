@@ -211,9 +211,6 @@ def main() -> None:
     print(markdown(rows, meta))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def engine_steps(artifact: Path, budgets: list[int], rounds: int, long_tokens: int = 900) -> list[dict[str, Any]]:
     """The same scenario in one process at 1 thread, timed in CPU seconds per `step()` (robust
@@ -270,3 +267,7 @@ def steps_markdown(rows: list[dict[str, Any]], artifact: str, rounds: int) -> st
         lines.append(f"| {r['max_prefill_tokens'] or 'whole prompt'} | {r['decode_median_ms']:.1f} | "
                      f"{r['during_max_ms']:.0f} | {r['max_over_median']:.1f}x | {r['long_ttft_cpu_s']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -137,26 +137,32 @@ def test_eviction_under_a_tiny_bound_keeps_results_correct(layout):
 def test_a_prefix_cached_from_an_aborted_row_is_still_correct(layout):
     gen, model = layout
     engine = gen.engine(max_prefill_tokens=16)
+    engine.add_request(SHORT[0], request_id="other", **dict(GREEDY, max_new_tokens=60, min_new_tokens=60))
+    engine.step()  # a running row: prompts are prefilled in chunks from now on
     engine.add_request(PREFIX + SUFFIXES[0], request_id="gone", **GREEDY)
-    while engine.num_running_rows == 0:
+    while engine.num_running_rows == 1:
         engine.step()  # its prompt is prefilled (and cached); it is running
     engine.step()
     assert engine.abort_request("gone")
     engine.add_request(PREFIX + SUFFIXES[1], request_id="mid", **GREEDY)
     engine.step()
-    assert engine.abort_request("mid")  # aborted half-way through its prefill
+    assert engine.num_waiting_requests == 1  # half-way through its prefill
+    assert engine.abort_request("mid")
     hits = engine.prefix_cache.hits
     target = PREFIX + SUFFIXES[2]
     finals, _ = run(engine, [(0, "t", target, GREEDY)])
     assert engine.prefix_cache.hits > hits
+    assert "other" in finals
     assert finals["t"].token_ids == hf_greedy(model, gen.encode(target))
     assert not engine.has_unfinished_requests() and engine.batch.rows == 0
+    assert finals["other"].token_ids == hf_greedy(model, gen.encode(SHORT[0]), 60)
 
 
 def test_several_sequences_share_one_prefill(layout):
     gen, _ = layout
     options = dict(do_sample=True, top_k=20, seed=5, max_new_tokens=8, num_return_sequences=3)
-    chunked, _ = run(gen.engine(max_prefill_tokens=6), [(0, "n", PREFIX, options)])
+    busy = (0, "busy", SHORT[0], dict(GREEDY, max_new_tokens=30, min_new_tokens=30))  # so prefill is chunked
+    chunked, _ = run(gen.engine(max_prefill_tokens=6), [busy, (1, "n", PREFIX, options)])
     whole, _ = run(gen.engine(max_prefill_tokens=None, prefix_cache=False), [(0, "n", PREFIX, options)])
     assert chunked["n"].token_ids == whole["n"].token_ids  # (the last index's final output)
     engine = gen.engine(max_prefill_tokens=6)

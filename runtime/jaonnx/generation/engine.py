@@ -37,9 +37,10 @@ from .sampling import SamplingSettings, next_tokens
 
 __all__ = ["DEFAULT_PREFILL_TOKENS", "GenerationEngine", "RequestOutput", "TokenLogprob"]
 
-# Prompt tokens prefilled per step. Chosen by measurement (benchmarks/head_of_line.py, GPT-2
-# small shape int8, 2 threads): small enough that the running streams' longest gap stays a few
-# decode steps, large enough that a long prompt's time to first token barely grows.
+# Prompt tokens prefilled per step while rows are running. Chosen by measurement
+# (benchmarks/results/head_of_line_steps.md, GPT-2 small shape int8, CPU time per step): with 4
+# rows decoding, a 900-token prompt's longest step falls from 66x the decode step (whole) to
+# 7.6x at 64 (5.4x at 32), and its time to first token grows 1.32x (1.92x at 32, 1.09x at 128).
 DEFAULT_PREFILL_TOKENS = 64
 
 
@@ -211,7 +212,8 @@ class GenerationEngine:
 
     def _prefill(self) -> None:
         """Admit waiting requests whose rows fit (first come, first served), then prefill their
-        prompts in order, at most `max_prefill_tokens` tokens this step. A prompt that is done
+        prompts in order, at most `max_prefill_tokens` tokens this step while rows are running
+        (with none, whole prompts: chunks would only add their overhead). A prompt that is done
         joins the running batch now and is sampled in this step."""
         if any(r.drafted for r in self._running):
             return  # a speculative block is being verified (its rejects are cut from every row)
@@ -219,7 +221,8 @@ class GenerationEngine:
         while self._waiting and rows + self._waiting[0].rows <= self.max_batch_size:
             self._prefilling.append(self._waiting.popleft())
             rows += self._prefilling[-1].rows
-        budget = self.max_prefill_tokens or sum(len(r.prompt_ids) for r in self._prefilling)
+        budget = self.max_prefill_tokens if self._running else None  # nobody to stall: no chunk overhead
+        budget = budget or sum(len(r.prompt_ids) for r in self._prefilling)
         while self._prefilling and budget > 0:
             req = self._prefilling[0]
             if req.joining is None:
