@@ -200,7 +200,8 @@ def test_prefix_cache_blocks_are_shared_and_leaves_are_evicted_first():
     b = list(range(8)) + [50, 51, 52, 53, 54]  # shares both blocks, adds one (50-53)
     cache.store(b, read_of(b))
     assert cache.blocks == 3 and cache.bytes == 3 * block_bytes
-    n, kv = cache.lookup(b)
+    n, blocks = cache.lookup(b)
+    kv = np.concatenate(blocks, axis=2)
     assert n == 12 and kv.shape == (2, 1, 12, 1) and kv[0, 0, :, 0].tolist() == list(range(12))
     assert cache.lookup(list(range(5)))[0] == 4  # the last token is always left to compute
     assert cache.lookup([9, 9, 9, 9, 9])[0] == 0
@@ -209,3 +210,14 @@ def test_prefix_cache_blocks_are_shared_and_leaves_are_evicted_first():
     assert cache.evictions == 1 and cache.bytes <= cache.max_bytes
     assert cache.lookup(b)[0] == 8 and cache.lookup(a)[0] == 8
     assert (cache.queries, cache.hits) == (13 + 5 + 5 + 13 + 10, 12 + 4 + 0 + 8 + 8)
+
+
+def test_head_of_line_gap_bookkeeping_by_hand():
+    """The benchmark's gap windows: events read together count as one; hand-computed gaps."""
+    from benchmarks.head_of_line import gaps_in, summary
+
+    arrivals = [[0.0, 0.010, 0.0102, 0.030, 0.100], [0.005, 0.020]]
+    assert [round(g, 3) for g in gaps_in(arrivals, 0.0, 1.0)] == [10.0, 20.0, 70.0, 15.0]
+    assert [round(g, 3) for g in gaps_in(arrivals, 0.025, 0.2)] == [20.0, 70.0]
+    s = summary([10.0, 20.0, 70.0, 15.0])
+    assert (s["median_ms"], s["max_ms"], s["n"]) == (17.5, 70.0, 4)

@@ -53,9 +53,9 @@ class BatchDecoder(Protocol):
         """Full-sequence logits float32 [len(ids), vocab] of one text, for scoring; the
         running batch is left as it was."""
 
-    def open(self, reserve: int, prefix: Any = None) -> JoiningRow:
-        """A new joining row, empty or holding `prefix`: cached KV, a host array
-        [past names, heads, positions, head_dim] (see `read`). A layout may hold one joining
+    def open(self, reserve: int, prefix: Sequence[np.ndarray] = ()) -> JoiningRow:
+        """A new joining row, empty or holding `prefix`: cached KV, consecutive host arrays
+        [past names, heads, positions, head_dim] (see `read`), written in order from position 0. A layout may hold one joining
         row at a time (static: the slot above the running rows); opening another then drops
         an unjoined earlier one, which is what an aborted prefill needs."""
 

@@ -155,9 +155,11 @@ class ConcatBatchDecoder:
         return logits[:, -1]
 
     # ---- joining rows (chunked prefill): a one-row cache of its own, merged in by `join` ----
-    def open(self, reserve: int, prefix: np.ndarray | None = None) -> JoiningRow:
-        cache = self.decoder.empty(1) if prefix is None else self.decoder.cache(prefix[:, None])
-        return JoiningRow(0 if prefix is None else prefix.shape[2], reserve, cache)
+    def open(self, reserve: int, prefix: Sequence[np.ndarray] = ()) -> JoiningRow:
+        if not prefix:
+            return JoiningRow(0, reserve, self.decoder.empty(1))
+        kv = np.concatenate(list(prefix), axis=2)
+        return JoiningRow(kv.shape[2], reserve, self.decoder.cache(kv[:, None]))
 
     def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
         k = len(tokens)

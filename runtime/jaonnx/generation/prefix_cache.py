@@ -27,6 +27,7 @@ BLOCK_SIZE = 16
 DEFAULT_MB = 512
 
 Read = Callable[[int, int], np.ndarray]  # (start, end) -> KV [past names, heads, end - start, head_dim]
+Blocks = list[np.ndarray]  # consecutive KV pieces [past names, heads, positions, head_dim], in order
 
 
 @dataclass
@@ -66,18 +67,17 @@ class PrefixCache:
             parent = block.id
         return found
 
-    def lookup(self, ids: Sequence[int]) -> tuple[int, np.ndarray | None]:
+    def lookup(self, ids: Sequence[int]) -> tuple[int, list[np.ndarray]]:
         """How many leading tokens of `ids` have cached KV (whole blocks, leaving at least the
-        last token to compute, since its logits are needed) and that KV, concatenated."""
+        last token to compute, since its logits are needed) and those blocks' KV, in order
+        (not concatenated: the batch decoder writes them where they go, one copy)."""
         self.queries += len(ids)
         chain = self._chain(ids, (len(ids) - 1) // self.block_size)
-        if not chain:
-            return 0, None
         for key, _ in reversed(chain):  # children first: parents end up more recent
             self._blocks.move_to_end(key)
         n = len(chain) * self.block_size
         self.hits += n
-        return n, np.concatenate([block.kv for _, block in chain], axis=2)
+        return n, [block.kv for _, block in chain]
 
     def store(self, ids: Sequence[int], read: Read) -> None:
         """Cache the whole blocks of `ids` not cached yet; `read(start, end)` copies their KV

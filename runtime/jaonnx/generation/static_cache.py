@@ -101,13 +101,17 @@ class StaticBatchDecoder:
     # It is written in place, chunk by chunk, outside the running rows' binding, and becomes a
     # running row by a change of `lengths`: no copy. One at a time (the engine prefills in
     # order); opening another drops an unjoined one (its request was aborted).
-    def open(self, reserve: int, prefix: np.ndarray | None = None) -> JoiningRow:
-        length = 0 if prefix is None else prefix.shape[2]
+    def open(self, reserve: int, prefix: Sequence[np.ndarray] = ()) -> JoiningRow:
+        length = sum(block.shape[2] for block in prefix)
         self._joining = None
         self._ensure(self.rows + 1, max(length, 1), hint=reserve)
+        if self.device != "cpu" and prefix:  # each write is a host round trip there: one
+            prefix = [np.concatenate(list(prefix), axis=2)]
+        start = 0
+        for block in prefix:  # straight into the slot: one copy
+            self._write(self.rows, start, block)
+            start += block.shape[2]
         row = JoiningRow(length, reserve, None)
-        if prefix is not None:
-            self._write(self.rows, prefix)
         self._joining = row
         return row
 
@@ -137,15 +141,15 @@ class StaticBatchDecoder:
         if row is not self._joining:
             raise JaonnxError("this joining row was dropped (another was opened) or has joined already")
 
-    def _write(self, slot: int, kv: np.ndarray) -> None:
-        """Host KV [past names, heads, n, head_dim] into positions 0..n-1 of one slot."""
-        n = kv.shape[2]
+    def _write(self, slot: int, start: int, kv: np.ndarray) -> None:
+        """Host KV [past names, heads, n, head_dim] into positions start..start+n-1 of one slot."""
+        end = start + kv.shape[2]
         for buffer, values in zip(self._buffers, kv):
             if isinstance(buffer, np.ndarray):
-                buffer[slot, :, :n] = values
+                buffer[slot, :, start:end] = values
             else:  # CUDA: through the host, as `_move`
                 array = buffer.numpy()
-                array[slot, :, :n] = values
+                array[slot, :, start:end] = values
                 buffer.update_inplace(array)
 
     def discard(self, n: int) -> None:
