@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--prefix-tokens", type=int, default=800)
     parser.add_argument("--prefix-cache-mb", type=float, default=512)
+    parser.add_argument("--out", default="prefix_reuse")
     args = parser.parse_args()
 
     import jaonnx
@@ -74,7 +75,7 @@ def main() -> None:
         "machine": machine().get("cpu", ""), "rows": [{k: v for k, v in r.items() if not k.endswith("_ids")} for r in rows],
     }
     md = "\n".join([
-        "# Prefix reuse: 20 requests sharing an 800-token prefix", "",
+        f"# Prefix reuse: {args.requests} requests sharing an {args.prefix_tokens}-token prefix", "",
         f"{result['artifact']}, {args.threads} threads, in-process engines taking turns request by request; "
         f"prompts of {result['prompt_tokens_median']:.0f} tokens (median), one new token. Machine: {result['machine']}.", "",
         "| | TTFT median (s) |", "|---|---|",
@@ -90,8 +91,8 @@ def main() -> None:
         "for the same prompts; hashed blocks hold the shared prefix once.", "",
     ])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefix_reuse.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "prefix_reuse.md").write_text(md)
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"{args.out}.md").write_text(md)
     print(md)
 
 
