@@ -241,7 +241,7 @@ class GenerationEngine:
 
     def _open(self, req: _Request) -> JoiningRow:
         """A joining row for `req`, holding the longest cached prefix of its prompt."""
-        cached, blocks = self.prefix_cache.lookup(req.prompt_ids) if self.prefix_cache else (0, [])
+        _, blocks = self.prefix_cache.lookup(req.prompt_ids) if self.prefix_cache else (0, [])
         return self.batch.open(req.reserve, blocks)
 
     def _join(self, req: _Request, logits: np.ndarray) -> None:
