@@ -221,3 +221,18 @@ def test_head_of_line_gap_bookkeeping_by_hand():
     assert [round(g, 3) for g in gaps_in(arrivals, 0.025, 0.2)] == [20.0, 70.0]
     s = summary([10.0, 20.0, 70.0, 15.0])
     assert (s["median_ms"], s["max_ms"], s["n"]) == (17.5, 70.0, 4)
+
+
+def test_seeded_sampling_and_logprobs_are_the_same_with_a_warm_prefix(layout):
+    gen, _ = layout
+    options = dict(do_sample=True, top_k=30, temperature=0.8, seed=17, max_new_tokens=10, logprobs=2)
+    target = PREFIX + SUFFIXES[0]
+    cold, _ = run(gen.engine(prefix_cache=False), [(0, "s", target, options)])
+    engine = gen.engine()
+    run(engine, [(0, "fill", PREFIX + SUFFIXES[2], dict(GREEDY, max_new_tokens=1))])
+    hits = engine.prefix_cache.hits
+    warm, _ = run(engine, [(0, "s", target, options)])
+    assert engine.prefix_cache.hits - hits >= 16  # it did start from cached blocks
+    assert warm["s"].token_ids == cold["s"].token_ids
+    np.testing.assert_allclose([lp.logprob for lp in warm["s"].logprobs], [lp.logprob for lp in cold["s"].logprobs],
+                               atol=2e-4)
