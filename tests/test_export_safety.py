@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, jaonnx_cli
+from helpers import assert_one_line_error, hf_tokenizer, jaonnx_cli
 
 import jaonnx
 from jaonnx.errors import JaonnxError
@@ -302,15 +302,66 @@ def test_special_tokens_are_checked_against_the_map_and_the_config(twins_dir, tm
     config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
     ids, found = consistency.special_ids(source, recipe, backend, SimpleNamespace(**config))
     assert found["special_tokens_checked"] == ["eos", "unk"]
-    assert ids["eos"] == config["eos_token_id"]
-    # the config's eos id disagrees with the tokenizer
-    with pytest.raises(JaonnxError, match="config.json has eos_token_id 7 but"):
-        consistency.special_ids(source, recipe, backend, SimpleNamespace(**{**config, "eos_token_id": 7}))
+    assert ids["eos"] == config["eos_token_id"] and "special_ids_overridden" not in found
+    assert consistency.describe_special(source, found) is None
+    # the config's eos id disagrees with the tokenizer: the tokenizer's id is used and recorded
+    ids, found = consistency.special_ids(source, recipe, backend, SimpleNamespace(**{**config, "eos_token_id": 7}))
+    assert ids["eos"] == backend.piece_to_id("</s>") == config["eos_token_id"]
+    assert found["special_ids_overridden"]["roles"] == {"eos": {"config": 7, "tokenizer": ids["eos"], "token": "</s>"}}
+    line = consistency.describe_special(source, found)
+    assert "eos_token_id 7 but the tokenizer's '</s>' is 3" in line and "\n" not in line
     # special_tokens_map.json names another eos token
     path = source.directory / "special_tokens_map.json"
     path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "eos_token": "<eos>"}), encoding="utf-8")
     with pytest.raises(JaonnxError, match="special_tokens_map.json names '<eos>' as the eos token"):
         consistency.special_ids(source, recipe, backend, SimpleNamespace(**config))
+
+
+def test_config_ids_that_disagree_with_the_tokenizer_follow_the_card(twins_dir, tmp_path):
+    """config.json (and generation_config.json) say eos is 2, the tokenizer's '</s>' is 3. The
+    card passes pad/bos/eos from the tokenizer to generate, so transformers run its way stops
+    on 3 and runs through 2; export warns in one line, records the choice, and the runtime
+    generates exactly the card's ids."""
+    import torch
+    import transformers
+
+    from jaonnx_export.export import ExportWarning, export
+
+    twin = tmp_path / "gpt2-small-ja"
+    shutil.copytree(twins_dir / "gpt2-small-ja", twin)
+    tok = hf_tokenizer(twin)
+    eos, config_eos = tok.eos_token_id, tok.bos_token_id
+    assert (eos, config_eos) == (3, 2)
+    model = transformers.GPT2LMHeadModel.from_pretrained(twin).eval()
+    prompt = torch.tensor([tok.encode("近年の機械学習は", add_special_tokens=False)])
+
+    def greedy(**ids: int | None) -> list[int]:
+        with torch.no_grad():
+            return model.generate(prompt, do_sample=False, max_new_tokens=40, **ids)[0, prompt.shape[1]:].tolist()
+
+    # Make greedy decoding emit config's eos early and the tokenizer's eos later (tied head:
+    # each id's logit follows that of the token whose embedding it copies).
+    plain = greedy(eos_token_id=None, pad_token_id=tok.pad_token_id)
+    early, late = plain[1], next(t for t in plain[8:] if t not in plain[:8])
+    with torch.no_grad():
+        model.transformer.wte.weight[config_eos] = 1.3 * model.transformer.wte.weight[early]
+        model.transformer.wte.weight[eos] = 1.3 * model.transformer.wte.weight[late]
+    model.config.eos_token_id = model.generation_config.eos_token_id = config_eos
+    model.save_pretrained(twin)
+    card = greedy(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    assert card[-1] == eos and config_eos in card[:-1] and len(card) < 40, card  # the setup bites
+
+    with pytest.warns(ExportWarning) as caught:
+        manifest = export(str(twin), tmp_path / "art")
+    (warning,) = [str(w.message) for w in caught if w.category is ExportWarning]
+    assert "eos_token_id 2 but the tokenizer's '</s>' is 3" in warning and "\n" not in warning
+    recorded = jaonnx.read_manifest(tmp_path / "art")
+    assert recorded.special_ids["eos"] == manifest.special_ids["eos"] == eos
+    assert recorded.checks["special_ids_overridden"]["roles"]["eos"] == {"config": 2, "tokenizer": 3, "token": "</s>"}
+    result = jaonnx.load(tmp_path / "art").generate("近年の機械学習は", max_new_tokens=40, do_sample=False,
+                                                     return_ids=True)
+    assert result.generated_ids == card
+    assert result.finish_reason == "eos"
 
 
 def test_only_the_tokens_the_task_uses_are_required(twins_dir, tmp_path):
