@@ -31,9 +31,9 @@ def _json(data: Any) -> None:
 def need_export_extra(command: str) -> None:
     """One line naming the extra when the export dependencies are not installed."""
     try:
-        import onnx  # noqa: F401
         import torch  # noqa: F401
         import transformers  # noqa: F401
+        import onnx  # noqa: F401
     except ImportError as exc:
         raise JaonnxError(f"`jaonnx {command}` needs the export extra ({exc.name} is missing): {EXTRA}") from None
 
