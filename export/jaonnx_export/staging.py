@@ -40,9 +40,11 @@ _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "EN
 
 def _libc_exchange() -> Callable[[bytes, bytes], int] | None:
     """The OS's atomic exchange of two paths, or None where libc has none."""
+    if not sys.platform.startswith(("linux", "darwin")):
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except OSError:
+    except (OSError, TypeError):
         return None
     if sys.platform.startswith("linux") and hasattr(libc, "renameat2"):  # glibc >= 2.28, musl >= 1.2.4
         fn = libc.renameat2
