@@ -124,3 +124,27 @@ def test_a_runtime_only_install_names_the_extra_in_one_line(blocked, command, ne
         code = code.replace(f", {str(tmp_path)!r}", "")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert_one_line_error(proc, needle, "pip install 'jaonnx[cpu,export]'")
+
+
+def test_the_gpt2_adapter_picks_the_kv_layout():
+    """Static by default; a config GroupQueryAttention cannot take falls back to concat with a
+    progress line when defaulted, and is a one-line error when static was asked for."""
+    from transformers import GPT2Config
+
+    from jaonnx_export import architectures
+
+    gpt2, bert = architectures.adapter_for("GPT2LMHeadModel"), architectures.adapter_for("BertForMaskedLM")
+    fits, odd = GPT2Config(n_embd=64, n_head=4), GPT2Config(n_embd=36, n_head=3)  # head_dim 16 / 12
+    lines: list[str] = []
+    assert gpt2.kv_layout(fits, None, lines.append) == "static" and lines == []
+    assert gpt2.kv_layout(fits, "concat", lines.append) == "concat"
+    assert gpt2.kv_layout(odd, None, lines.append) == "concat"
+    assert lines == ["head_dim 12 is not a multiple of 8, which GroupQueryAttention needs: using the concat KV cache"]
+    with pytest.raises(JaonnxError, match="head_dim 12 is not a multiple of 8.*: export with --kv-cache concat"):
+        gpt2.kv_layout(odd, "static", lines.append)
+    static, concat = gpt2.graph_io(fits, "static"), gpt2.graph_io(fits, "concat")
+    assert not static.fusable and static.decoder.kv_layout == "static" and "seqlens_k" in static.inputs
+    assert concat.fusable and concat.decoder.kv_layout == "concat" and "attention_mask" in concat.inputs
+    assert bert.kv_layout(None, None, lines.append) is None
+    with pytest.raises(JaonnxError, match="--kv-cache applies to text-generation models, not fill-mask"):
+        bert.kv_layout(None, "static", lines.append)
