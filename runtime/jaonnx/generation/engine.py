@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import JaonnxError
 from .batch import BatchDecoder
+from .inputs import ProcessedPrompt
 from ..numeric import log_softmax
 from .sampling import SamplingSettings, next_tokens
 from .streaming import IncrementalText
@@ -131,7 +132,7 @@ class GenerationEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
         self,
-        prompt: str | Sequence[int],
+        prompt: ProcessedPrompt | str | Sequence[int],
         request_id: str | None = None,
         *,
         settings: SamplingSettings | None = None,
@@ -139,8 +140,14 @@ class GenerationEngine:
     ) -> str:
         """Queue a prompt (text, or token ids) with generation options (see GENERATION_OPTIONS;
         left out, they come from the model card), or with `settings` already resolved by
-        `TextGenerator.settings`. Errors are raised here, before any work."""
-        if isinstance(prompt, str):
+        `TextGenerator.settings`, or as a `ProcessedPrompt` (`TextGenerator.process`: ids,
+        text and settings; nothing is encoded, decoded or resolved again). Errors are raised
+        here, before any work."""
+        if isinstance(prompt, ProcessedPrompt):
+            if settings is not None or options:
+                raise JaonnxError("a processed prompt carries its settings: pass no options", "settings")
+            prompt_ids, prompt_text, settings = list(prompt.ids), prompt.text, prompt.settings
+        elif isinstance(prompt, str):
             prompt_ids, prompt_text = self._encode(prompt), prompt
         else:
             prompt_ids = _token_ids(prompt)

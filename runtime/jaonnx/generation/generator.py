@@ -20,6 +20,7 @@ from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
 from .static_cache import StaticBatchDecoder
 from .engine import GenerationEngine, RequestOutput, TokenLogprob
+from .inputs import InputProcessor, ProcessedPrompt
 from .options import check_position_budget, resolve_settings
 from .sampling import SamplingSettings
 
@@ -128,6 +129,15 @@ class TextGenerator(ArtifactModel):
             vocab_size=self.manifest.vocab_size, model_eos_id=self.eos_id, token_id=self._token_id, **options,
         )
 
+    @cached_property
+    def inputs(self) -> InputProcessor:
+        """The one input processor (Python and HTTP): prompts + options -> ProcessedPrompt."""
+        return InputProcessor(self.encode, self.settings)
+
+    def process(self, prompts: str | Sequence[str], **options: Any) -> list[ProcessedPrompt]:
+        """Each prompt encoded once, with settings resolved for its own length."""
+        return self.inputs.process(prompts, **options)
+
     def _token_id(self, word: str) -> int:
         if word in self.manifest.special_ids:
             return self.manifest.special_ids[word]
@@ -181,16 +191,12 @@ class TextGenerator(ArtifactModel):
         Each prompt runs as its own request (with its own seeded RNG) in one batch, so a row
         gives what it gives alone."""
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        if not texts:
-            raise JaonnxError("no prompts given: pass a prompt or a non-empty list of prompts", "prompt")
         options["max_new_tokens"] = max_new_tokens
-        encoded = [self.encode(t) for t in texts]
-        settings = [self.settings(len(ids), **options) for ids in encoded]  # every error before any work
-        n = settings[0].num_return_sequences
-        engine = self.engine(max_batch_size=max(1, n * len(texts)))
-        request_ids = [engine.add_request(ids, settings=s) for ids, s in zip(encoded, settings)]
-        collector = ResultCollector(texts, request_ids, n)
+        inputs = self.process(prompts, **options)  # every error before any work
+        n = inputs[0].settings.num_return_sequences
+        engine = self.engine(max_batch_size=max(1, n * len(inputs)))
+        request_ids = [engine.add_request(p) for p in inputs]
+        collector = ResultCollector([p.text for p in inputs], request_ids, n)
         while engine.has_unfinished_requests():
             for out in engine.step():
                 collector.take(out)
@@ -206,12 +212,11 @@ class TextGenerator(ArtifactModel):
             raise JaonnxError("stream takes one prompt (a str)", "prompt")
         options.setdefault("num_return_sequences", 1)
         options["max_new_tokens"] = max_new_tokens
-        ids = self.encode(prompt)
-        settings = self.settings(len(ids), **options)
-        if settings.num_return_sequences != 1:
+        [processed] = self.process(prompt, **options)
+        if processed.settings.num_return_sequences != 1:
             raise JaonnxError("stream makes one sequence: leave num_return_sequences at 1", "num_return_sequences")
         engine = self.engine(max_batch_size=1)
-        engine.add_request(ids, settings=settings)
+        engine.add_request(processed)
         return self._pieces(engine)
 
     @staticmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import JaonnxError, load
+from .config import ServeConfig
 from .batcher import FillMaskJob, FillMaskWorker, GenerationWorker, Worker
 from .events import generate_events, run, sse
 from .operations import check_options, install as install_operations
@@ -27,26 +28,6 @@ from .openai import ALIASES, completion_body, completion_events, completion_opti
 from .scoring import echo_completion
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
 from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
-
-
-@dataclass
-class ServeConfig:
-    """Batching and limits; the defaults suit a CPU box."""
-
-    max_batch_size: int = 16  # fill-mask texts per batch; generation rows per decode step
-    max_wait_ms: float = 5.0  # how long a fill-mask batch waits to fill up
-    max_queue: int = 64  # requests waiting per model before 503
-    request_timeout: float = 120.0  # seconds, queueing included
-    max_body_bytes: int = 1 << 20
-    retry_after: int = 1  # seconds, sent with 503
-    threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
-    spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
-    # operations (serving-prod): see operations.py
-    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
-    metrics: bool = True  # /metrics and the instrumentation behind it
-    metrics_auth: bool = False  # /metrics needs a key too
-    log_format: str = "text"  # "json": one access-log line per request (jaonnx.access logger)
-    log_prompts: bool = False  # json access logs include the prompt text
 
 
 @dataclass
@@ -109,11 +90,7 @@ def create_app(
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    config = config or ServeConfig()
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise JaonnxError(f"unknown serving option {key!r}")
-        setattr(config, key, value)
+    config = (config or ServeConfig()).update(**overrides)
     check_options(config)  # serving-prod
     served = load_models(artifact_dirs, config, providers)
     created = int(time.time())
