@@ -64,6 +64,9 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
+    # prompt_ids[1:] scored given the tokens before each (settings.prompt_logprobs); on a
+    # sequence's first output only
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -90,6 +93,7 @@ class _Request:
     steps: int = 0
     logits: np.ndarray | None = None  # [n, vocab] or, after a speculative block, [n, k, vocab]
     drafted: list[int] = field(default_factory=list)  # tokens under verification (prompt lookup)
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed at admission, sent with the first output
 
     @property
     def rows(self) -> int:
@@ -243,11 +247,24 @@ class GenerationEngine:
         reserve = max(len(req.prompt_ids) + req.settings.max_new_tokens for req in joining)
         logits = self.batch.add(prompts, reserve)
         self._mask_padding(logits)
+        for req in joining:
+            if req.settings.prompt_logprobs is not None:
+                req.prompt_logprobs = self._prompt_logprobs(req)
         start = 0
         for req in joining:
             req.logits = logits[start : start + req.rows]
             start += req.rows
         self._running.extend(joining)
+
+    def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
+        """Each prompt token after the first, scored given the ones before (vLLM's
+        `prompt_logprobs`), from one full-sequence forward that leaves the batch as it was."""
+        ids = req.prompt_ids
+        if len(ids) < 2:
+            return []
+        logits = self.batch.logits(ids)[: len(ids) - 1]
+        self._mask_padding(logits)
+        return prompt_logprobs(logits, ids[1:], req.settings.prompt_logprobs or 0)
 
     def _mask_padding(self, logits: np.ndarray) -> None:
         """An embedding table padded past the tokenizer: those ids are never picked."""
@@ -302,10 +319,12 @@ class GenerationEngine:
             if not new[i]:
                 continue
             piece = self._update_text(req, seq, new[i])
+            first = len(seq.generated) == len(new[i])
             outputs.append(
                 RequestOutput(
                     req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
                     list(seq.generated), seq.text, new_logprobs[i] if s.logprobs is not None else None,
+                    req.prompt_logprobs if first else None,
                 )
             )
         return outputs
@@ -405,3 +424,18 @@ def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     lp = log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
     best = np.argsort(-lp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])
+
+
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `targets` under logits [len(targets), vocab] (row i predicts
+    targets[i]), each with the `top` likeliest alternatives, most likely first."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64))
+    rows = np.arange(len(targets))
+    chosen = lp[rows, np.asarray(targets, dtype=np.int64)]
+    if not top:
+        return [TokenLogprob(int(t), float(v)) for t, v in zip(targets, chosen)]
+    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    order = np.argsort(-np.take_along_axis(lp, part, axis=-1), axis=-1, kind="stable")
+    best = np.take_along_axis(part, order, axis=-1)
+    return [TokenLogprob(int(t), float(chosen[i]), [(int(b), float(lp[i, b])) for b in best[i]])
+            for i, t in enumerate(targets)]
