@@ -236,14 +236,15 @@ class TextGenerator(ArtifactModel):
                 if out.new_text:
                     yield out.new_text
 
-    def scoring_inputs(self, texts: str | Sequence[str], top_k: int = 0) -> list[ProcessedPrompt]:
+    def scoring_inputs(self, texts: str | Sequence[str], top_k: int = 0, at_least: int = 2) -> list[ProcessedPrompt]:
         """Texts to score, as engine requests: each asks for its prompt's log-probabilities
         (with the `top_k` likeliest alternatives) and one greedy token, which is not used.
-        Scoring runs through the engine like generation (on the server's worker thread)."""
+        Scoring runs through the engine like generation (on the server's worker thread).
+        A text needs `at_least` tokens (the first one has no context to be scored in)."""
         inputs = self.process(texts, max_new_tokens=1, min_new_tokens=0, do_sample=False, bad_words_ids=[],
                               stop=(), prompt_lookup=0, logprobs=None, prompt_logprobs=top_k)
         for i, p in enumerate(inputs):
-            if len(p.ids) < 2:
+            if len(p.ids) < at_least:
                 raise JaonnxError(f"{p.text!r} is one token: scoring needs at least two",
                                   "prompt" if len(inputs) == 1 else f"prompt[{i}]")
         return inputs

@@ -21,12 +21,13 @@ from typing import Any
 
 from .. import JaonnxError, load
 from .config import ServeConfig
-from .batcher import FillMaskJob, FillMaskWorker, GenerationWorker, Worker
-from .events import generate_events, run, sse
+from .batcher import FillMaskJob, FillMaskResult, FillMaskWorker, GenerationWorker, Worker
+from .events import generate_body, generate_events, run, sse
 from .operations import check_options, install as install_operations
-from .openai import ALIASES, completion_body, completion_events, completion_options
+from .openai import ALIASES, completion_body, completion_events
 from .scoring import echo_completion
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
+from .tokenize import tokenize_router
 from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
 
 
@@ -146,9 +147,11 @@ def create_app(
         m = lookup(served, req.model, "fill-mask")
         items, single = texts(req.inputs, "inputs")
         await asyncio.to_thread(check_masked, m.model, items, single, req.top_k)
-        job = FillMaskJob(sink=lambda _: None, texts=items, top_k=req.top_k)
-        results = await run(request, m.worker, job, config.request_timeout)
-        return {"model": m.name, "results": results[0] if single else results}
+        job = FillMaskJob(sink=lambda _: None, inputs=items, top_k=req.top_k)
+        result = await run(request, m.worker, job, config.request_timeout)
+        if not isinstance(result, FillMaskResult):
+            return result  # the client went away
+        return {"model": m.name, "results": result.predictions[0] if single else result.predictions}
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> Any:
@@ -162,7 +165,9 @@ def create_app(
         check_rows(job.rows, job.n, config.max_batch_size, "num_return_sequences")
         if not req.stream:
             results = await run(request, m.worker, job, config.request_timeout)
-            return {"model": m.name, "results": results}
+            if not isinstance(results, list):
+                return results  # the client went away
+            return generate_body(m.name, results)
         return sse(request, m.worker, job, config.request_timeout, generate_events(m.name))
 
     @app.post("/v1/completions")
@@ -170,22 +175,26 @@ def create_app(
         req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         m = lookup(served, req.model, "text-generation")
         prompts, _ = texts(req.prompt, "prompt")
-        if req.max_tokens == 0:  # serving-prod: echo-only scoring (scoring.py)
-            return await echo_completion(m, req, prompts, app.state.score_gates[m.name])
+        if req.max_tokens == 0:  # echo-only scoring (scoring.py)
+            return await echo_completion(request, m, req, prompts, config)
         openai_unsupported(req)
         n = req.n or 1
-        options, greedy = completion_options(req)
-        options["stop"] = stops(req.stop)
-        rows = [p for p in prompts for _ in range(n)] if greedy else prompts  # greedy copies are identical
-        job = await asyncio.to_thread(prepare, m.model, rows, options, ALIASES, bool(req.stream))
+        rows = [p for p in prompts for _ in range(n)] if req.greedy else prompts  # greedy copies are identical
+        job = await asyncio.to_thread(prepare, m.model, rows, req.to_options(), ALIASES, bool(req.stream))
         check_rows(job.rows, n, config.max_batch_size, "n")
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": m.name}
         echo = bool(req.echo)
         if not req.stream:
             results = await run(request, m.worker, job, config.request_timeout)
-            return completion_body(meta, results, echo, n, m.model, req.logprobs)
+            if not isinstance(results, list):
+                return results  # the client went away
+            if req.logprobs is None:
+                return completion_body(meta, results, echo, n)
+            return await asyncio.to_thread(completion_body, meta, results, echo, n, m.model, req.logprobs)
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return sse(request, m.worker, job, config.request_timeout, completion_events(meta, echo, usage, n))
+        return sse(request, m.worker, job, config.request_timeout,
+                   completion_events(meta, echo, usage, n, m.model, req.logprobs))
 
+    app.include_router(tokenize_router(served, config))
     install_operations(app, served, config)  # serving-prod: auth, metrics, tracing, /v1/score, playground
     return app

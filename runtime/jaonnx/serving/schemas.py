@@ -15,6 +15,7 @@ from ..generation.options import GENERATION_OPTIONS, Option
 from ..generation.spec import INT64, MAX_STOPS, MAX_TOKENS
 
 MAX_ITEMS = 256  # texts or prompts in one request
+MAX_TOKEN_IDS = 1 << 16  # ids in one /detokenize request
 MAX_TOP_K = 100  # fill-mask predictions per mask
 MAX_PREDICTIONS = 5000  # texts x masks x top_k in one fill-mask request: each is a decoded sequence
 
