@@ -60,11 +60,25 @@ def test_a_request_joins_and_leaves_a_running_batch(gen: Any) -> None:
         long = result(long_events)
     finally:
         worker.stop()
-    assert worker.stats.max_batch_seen == 2
+    assert worker.stats.max_batch_seen == 2 and worker.stats.max_requests_seen == 2
     want_short = gen.generate("近年の機械学習は", max_new_tokens=6, do_sample=False, return_ids=True)
     want_long = gen.generate("東京は日本の", max_new_tokens=80, min_new_tokens=80, do_sample=False, return_ids=True)
     assert short[0].generated_ids == want_short.generated_ids and short[0].text == want_short.text
     assert long[0].generated_ids == want_long.generated_ids
+
+
+def test_one_request_with_two_prompts_is_not_counted_as_batched(gen: Any) -> None:
+    """Two rows in a step are not two requests sharing it: `max_requests_seen` counts requests."""
+    worker = GenerationWorker("g", gen, max_queue=2, max_batch=4)
+    try:
+        events: queue.Queue[Any] = queue.Queue()
+        worker.submit(GenerationJob(sink=events.put, inputs=gen.process(["東京は", "今日は"], max_new_tokens=3,
+                                                                          do_sample=False)))
+        got = result(events)
+    finally:
+        worker.stop()
+    assert [r.prompt for r in got] == ["東京は", "今日は"]
+    assert worker.stats.max_batch_seen == 2 and worker.stats.max_requests_seen == 1
 
 
 def test_streamed_pieces_join_to_the_text_and_cancel_stops(gen: Any) -> None:
