@@ -159,3 +159,32 @@ def test_tokenize_without_model_when_one_generator(artifacts: dict[str, Path], g
     with running_server([artifacts[GPT]], metrics=False) as (url, _):
         got = httpx.post(url + "/tokenize", json={"content": PROMPTS[0]}, timeout=60).json()
     assert got["tokens"] == gpt.encode(PROMPTS[0])
+
+
+# ---- prompt_logprobs as an engine request ---------------------------------------------------
+@pytest.mark.parametrize("name,layout", [(GPT, "static"), (CARD, "concat")])
+def test_a_scoring_request_joins_a_running_batch(artifacts: dict[str, Path], twins_dir: Path, name: str,
+                                                 layout: str) -> None:
+    """A `prompt_logprobs` request joining mid-way scores its prompt as transformers does and
+    leaves the running request's tokens as they are alone, on both KV layouts."""
+    gen = jaonnx.load(artifacts[name])
+    assert gen.manifest.decoder.kv_layout == layout
+    alone = gen.generate(PROMPTS[1], max_new_tokens=12, min_new_tokens=12, do_sample=False, return_ids=True)
+    engine = gen.engine()
+    [running] = gen.process(PROMPTS[1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    rid = engine.add_request(running)
+    outs = engine.step() + engine.step()
+    [scored] = gen.scoring_inputs(PROMPTS[1] + "今日は晴れ", 2)
+    sid = engine.add_request(scored)
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [t for o in outs if o.request_id == rid for t in o.new_token_ids] == alone.generated_ids
+    [first] = [o for o in outs if o.request_id == sid and o.prompt_logprobs is not None]
+    ids = list(scored.ids)
+    with torch.no_grad():
+        logits = hf_model(twins_dir / name)(torch.tensor([ids])).logits[0, :-1].double()
+    ref = torch.log_softmax(logits, dim=-1).numpy()
+    np.testing.assert_allclose([lp.logprob for lp in first.prompt_logprobs], ref[np.arange(len(ids) - 1), ids[1:]],
+                               rtol=1e-4)
+    assert all(len(lp.top) == 2 and lp.top[0][1] == pytest.approx(ref[i].max(), rel=1e-4)
+               for i, lp in enumerate(first.prompt_logprobs))

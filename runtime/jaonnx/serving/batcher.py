@@ -64,7 +64,8 @@ class FillMaskJob(Job):
 
 @dataclass(frozen=True)
 class FillMaskResult:
-    """A fill-mask job's answer: per input text, the `FillMask` model's predictions."""
+    """A fill-mask job's answer: per input text, the `FillMask` model's typed predictions
+    (`fill_mask.Prediction`s; a list of them per mask when a text has several)."""
 
     predictions: list[Any]
 
