@@ -188,3 +188,23 @@ def test_a_scoring_request_joins_a_running_batch(artifacts: dict[str, Path], twi
                                rtol=1e-4)
     assert all(len(lp.top) == 2 and lp.top[0][1] == pytest.approx(ref[i].max(), rel=1e-4)
                for i, lp in enumerate(first.prompt_logprobs))
+
+
+def test_generate_returns_prompt_logprobs_when_asked(server: Any, gpt: Any, twins_dir: Path) -> None:
+    c, _ = server
+    r = c.post("/v1/generate", json={"model": GPT, "prompt": PROMPTS[1], "max_new_tokens": 2, "do_sample": False,
+                                     "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    result = r.json()["results"][0]
+    ids = gpt.encode(PROMPTS[1])
+    with torch.no_grad():
+        logits = hf_model(twins_dir / GPT)(torch.tensor([ids])).logits[0, :-1].double()
+    ref = torch.log_softmax(logits, dim=-1).numpy()
+    got = result["prompt_logprobs"]
+    assert [e["token_id"] for e in got] == ids[1:]
+    np.testing.assert_allclose([e["logprob"] for e in got], ref[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4)
+    assert all(len(e["top"]) == 2 for e in got)
+    plain = c.post("/v1/generate", json={"model": GPT, "prompt": PROMPTS[1], "max_new_tokens": 2}).json()
+    assert "prompt_logprobs" not in plain["results"][0]
+    assert_json_error(c.post("/v1/generate", json={"model": GPT, "prompt": "x", "prompt_logprobs": 21}), 422,
+                      "prompt_logprobs")

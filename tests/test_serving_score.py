@@ -221,3 +221,20 @@ def test_scoring_runs_on_the_worker_not_the_event_loop(artifacts: dict[str, Path
     ids = jaonnx.load(artifacts[big]).encode(prompt)
     want = reference(hf_model(twins_dir / big), ids)
     np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], want[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4)
+
+
+def test_more_texts_than_a_batch_are_scored_in_parts(artifacts: dict[str, Path], gpt2: Any) -> None:
+    """`/v1/score` and echo scoring take more texts than `max_batch_size`: they run in parts."""
+    gen, model = gpt2
+    items = [f"{i}番目の文は東京です。" for i in range(5)]
+    with running_server([artifacts["gpt2-small-ja"]], max_batch_size=2) as (url, _):
+        score = httpx.post(url + "/v1/score", json={"model": "gpt2-small-ja", "input": items}, timeout=60)
+        echo = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "gpt2-small-ja", "prompt": items, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert score.status_code == 200 and echo.status_code == 200, (score.text, echo.text)
+    for text, d, choice in zip(items, score.json()["data"], echo.json()["choices"]):
+        ids = gen.encode(text)
+        want = reference(model, ids)[np.arange(len(ids) - 1), ids[1:]]
+        assert d["text"] == text == choice["text"]
+        np.testing.assert_allclose(d["token_logprobs"], want, rtol=1e-4)
+        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:], want, rtol=1e-4)

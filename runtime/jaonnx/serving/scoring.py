@@ -18,10 +18,11 @@ from pydantic import Field
 
 from ..generation import GenerationResult
 from ..generation.spec import MAX_LOGPROBS
+from .batcher import GenerationJob
 from .events import run
 from .openai import echo_body
 from .schemas import RequestError, StrictBody, Texts, parse, texts
-from .validation import check_rows, prepare
+from .validation import prepare
 
 MAX_TOP_LOGPROBS = MAX_LOGPROBS
 
@@ -32,6 +33,21 @@ class ScoreRequest(StrictBody):
     model: str
     input: Texts
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+async def run_chunks(request: Any, worker: Any, job: GenerationJob, config: Any) -> Any:
+    """Run a scoring job in parts of at most `max_batch_size` texts, one after another (a
+    request may score more texts than one batch holds); their results in order, or the
+    response to send instead (the client went away)."""
+    size = config.max_batch_size
+    results: list[GenerationResult] = []
+    for start in range(0, len(job.inputs), size):
+        part = GenerationJob(sink=job.sink, inputs=job.inputs[start : start + size])
+        got = await run(request, worker, part, config.request_timeout)
+        if not isinstance(got, list):
+            return got
+        results += got
+    return results
 
 
 def score_body(model: Any, name: str, results: list[GenerationResult], top_k: int) -> dict[str, Any]:
@@ -62,8 +78,7 @@ async def echo_completion(request: Any, m: Any, req: Any, prompts: list[str], co
     if req.logprobs is None:  # nothing to compute: the prompts' token counts are known
         results = [GenerationResult(p.text, "", list(p.ids), [], "length") for p in job.inputs]
     else:
-        check_rows(job.rows, 1, config.max_batch_size, "n")
-        results = await run(request, m.worker, job, config.request_timeout)
+        results = await run_chunks(request, m.worker, job, config)
         if not isinstance(results, list):
             return results  # the client went away
     return await asyncio.to_thread(echo_body, meta, results, req.n or 1, m.model, req.logprobs)
@@ -86,8 +101,7 @@ def score_router(served: dict[str, Any], config: Any) -> Any:
         items, _ = texts(req.input, "input")
         job = await asyncio.to_thread(prepare, m.model, items, {}, {}, False, scoring=req.top_logprobs,
                                       prompt_field="input")
-        check_rows(job.rows, 1, config.max_batch_size, "input")
-        results = await run(request, m.worker, job, config.request_timeout)
+        results = await run_chunks(request, m.worker, job, config)
         if not isinstance(results, list):
             return results  # the client went away
         return await asyncio.to_thread(score_body, m.model, m.name, results, req.top_logprobs)
