@@ -1,10 +1,13 @@
 """The HTTP app: `create_app([artifact, ...])` serves each artifact under its directory name.
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/fill-mask`, `POST /v1/generate`, and
-OpenAI's `POST /v1/completions`. This module is the app factory and the routes; requests are
-checked by `validation` (a bad request is a 4xx naming its field before it reaches a worker),
-run and streamed by `events`, and shaped for OpenAI by `openai`. Workers (`batcher`) own the
-models: generation drives the runtime's `GenerationEngine`; nothing here decodes.
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/fill-mask`, `POST /v1/generate`,
+OpenAI's `POST /v1/completions`, and (in their own modules) `POST /v1/score` (scoring),
+`POST /tokenize` and `/detokenize` (tokenize). This module is the app factory and the routes;
+requests go through the model's input processor in `validation.prepare` (a bad request is a
+4xx naming its field before it reaches a worker), are run and streamed by `events`, and their
+typed results are shaped into JSON by `events` and `openai` only. Workers (`batcher`) own the
+models: generation and scoring drive the runtime's `GenerationEngine`; nothing here decodes
+or computes with a model.
 """
 
 # (no `from __future__ import annotations`: FastAPI must see the real `Request` class of the routes)
