@@ -174,20 +174,23 @@ def test_a_scoring_request_joins_a_running_batch(artifacts: dict[str, Path], twi
     [running] = gen.process(PROMPTS[1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
     rid = engine.add_request(running)
     outs = engine.step() + engine.step()
-    [scored] = gen.scoring_inputs(PROMPTS[1] + "今日は晴れ", 2)
-    sid = engine.add_request(scored)
+    [scored] = gen.scoring_inputs(PROMPTS[1] + "今日は晴れ", 2)  # one token: needs no cache
+    [echoed] = gen.process(PROMPTS[1] + "今日は晴れ", max_new_tokens=3, do_sample=False, prompt_logprobs=2)  # joins
+    sid, eid = engine.add_request(scored), engine.add_request(echoed)
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert [t for o in outs if o.request_id == rid for t in o.new_token_ids] == alone.generated_ids
-    [first] = [o for o in outs if o.request_id == sid and o.prompt_logprobs is not None]
     ids = list(scored.ids)
     with torch.no_grad():
         logits = hf_model(twins_dir / name)(torch.tensor([ids])).logits[0, :-1].double()
     ref = torch.log_softmax(logits, dim=-1).numpy()
-    np.testing.assert_allclose([lp.logprob for lp in first.prompt_logprobs], ref[np.arange(len(ids) - 1), ids[1:]],
-                               rtol=1e-4)
-    assert all(len(lp.top) == 2 and lp.top[0][1] == pytest.approx(ref[i].max(), rel=1e-4)
-               for i, lp in enumerate(first.prompt_logprobs))
+    for request_id in (sid, eid):
+        [first] = [o for o in outs if o.request_id == request_id and o.prompt_logprobs is not None]
+        np.testing.assert_allclose([lp.logprob for lp in first.prompt_logprobs],
+                                   ref[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4)
+        assert all(len(lp.top) == 2 and lp.top[0][1] == pytest.approx(ref[i].max(), rel=1e-4)
+                   for i, lp in enumerate(first.prompt_logprobs))
+    assert sum(len(o.new_token_ids) for o in outs if o.request_id == eid) == 3
 
 
 def test_generate_returns_prompt_logprobs_when_asked(server: Any, gpt: Any, twins_dir: Path) -> None:

@@ -209,9 +209,12 @@ class GenerationEngine:
         """One decode forward for the running rows, prefill of the requests that fit, one
         sampled token (or a verified speculative block) per row. Returns each sequence's news."""
         self._forward()
+        scored = self._score_only()
         self._admit()
         self.last_step_rows = self.batch.rows
         outputs: list[RequestOutput] = []
+        for req in scored:
+            outputs.extend(self._advance(req))
         for req in self._running:
             outputs.extend(self._advance(req))
         self._running_keep([r for r in self._running if not r.finished])
@@ -255,6 +258,20 @@ class GenerationEngine:
             req.logits = logits[start : start + req.rows]
             start += req.rows
         self._running.extend(joining)
+
+    def _score_only(self) -> list[_Request]:
+        """Take the waiting requests at the head of the queue that need no KV cache: they want
+        their prompt's log-probabilities and a single token (scoring). One full-sequence
+        forward gives both, outside the running batch, and they finish in this step."""
+        done: list[_Request] = []
+        while self._waiting and _needs_no_cache(self._waiting[0]):
+            req = self._waiting.popleft()
+            logits = self.batch.logits(req.prompt_ids)
+            self._mask_padding(logits)
+            req.prompt_logprobs = prompt_logprobs(logits[:-1], req.prompt_ids[1:], req.settings.prompt_logprobs or 0)
+            req.logits = logits[-1:]
+            done.append(req)
+        return done
 
     def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
         """Each prompt token after the first, scored given the ones before (vLLM's
@@ -408,6 +425,11 @@ class GenerationEngine:
                 break
         self.batch.discard(len(drafted) + 1 - len(accepted))
         return accepted
+
+
+def _needs_no_cache(req: _Request) -> bool:
+    s = req.settings
+    return s.prompt_logprobs is not None and s.max_new_tokens == 1 and req.rows == 1 and not s.prompt_lookup
 
 
 def _token_ids(prompt: Sequence[int]) -> list[int]:
