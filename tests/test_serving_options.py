@@ -104,3 +104,17 @@ def test_serve_options_are_the_config_fields() -> None:
         ServeConfig().update(bogus=1)
     assert err.value.field == "bogus"
     assert ServeConfig().update(max_queue=3, request_timeout=5.0).max_queue == 3
+
+
+def test_cli_flags_and_openai_names_come_from_the_table() -> None:
+    from typer.testing import CliRunner
+
+    from jaonnx.cli import app
+    from jaonnx.serving.openai import ALIASES
+
+    assert ALIASES == {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
+    assert set(ALIASES.values()) <= set(CompletionRequest.model_fields)
+    help_text = CliRunner().invoke(app, ["generate", "--help"], terminal_width=200).output
+    for option in GENERATION_OPTIONS:
+        for flag in option.flags[0].split("/"):
+            assert (flag in help_text) == option.cli, (option.name, flag)

@@ -31,10 +31,13 @@ class Option:
     le: float | None = None
     cli: bool = True  # offered by `jaonnx generate`
     http: bool = True  # accepted by `/v1/generate`
+    flags: tuple[str, ...] = ()  # `jaonnx generate`'s flags
+    openai: str | None = None  # OpenAI's name, where it differs
 
     @classmethod
     def of(cls, name: str, spec: OptionSpec) -> Option:
-        return cls(name, spec.type, spec.help, spec.ge, spec.gt, spec.le, spec.cli, spec.http)
+        flags = spec.flags or ("--" + name.replace("_", "-"),)
+        return cls(name, spec.type, spec.help, spec.ge, spec.gt, spec.le, spec.cli, spec.http, flags, spec.openai)
 
 
 GENERATION_OPTIONS: tuple[Option, ...] = tuple(Option.of(f.name, f.metadata["option"]) for f in fields(SamplingSettings))

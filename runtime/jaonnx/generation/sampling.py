@@ -23,17 +23,19 @@ class SamplingSettings:
     generation options: each field's `option(...)` metadata (help, bounds, CLI/HTTP) is what
     `GENERATION_OPTIONS`, the HTTP schemas, the CLI and `validate` are derived from."""
 
-    max_new_tokens: int = option(help="Tokens to generate (default: the model card's).", type=int, ge=1, le=MAX_TOKENS)
+    max_new_tokens: int = option(help="Tokens to generate (default: the model card's).", type=int, ge=1, le=MAX_TOKENS,
+                                 flags=("--max-new-tokens", "-n"), openai="max_tokens")
     min_new_tokens: int = option(0, help="Tokens to generate before end-of-text is allowed.", type=int, ge=0,
                                  le=MAX_TOKENS)
-    do_sample: bool = option(False, help="Sample (the card's default) or decode greedily.", type=bool)
+    do_sample: bool = option(False, help="Sample, or decode greedily (default: the card's).", type=bool,
+                             flags=("--sample/--greedy",))
     temperature: float = option(1.0, help="Sampling temperature (0 = greedy).", type=float, ge=0, le=1e6)
     top_k: int = option(0, help="Keep the k most likely tokens (0 = off).", type=int, ge=0, le=INT64)
     top_p: float = option(1.0, help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].",
                           type=float, gt=0, le=1)
     repetition_penalty: float = option(1.0, help="> 1 discourages tokens already in the text.", type=float, gt=0,
                                        le=1e6)
-    num_return_sequences: int = option(1, help="Samples per prompt.", type=int, ge=1, le=64)
+    num_return_sequences: int = option(1, help="Samples per prompt.", type=int, ge=1, le=64, openai="n")
     seed: int | None = option(None, help="Seed for reproducible sampling.", type=int, ge=0, le=INT64, nullable=True)
     stop: tuple[str, ...] = option((), help=f"Stop before any of these strings (at most {MAX_STOPS}).", type=list[str])
     eos_token_id: int | None = option(None, help="End-of-text token id (default: the model's; None in Python: none).",

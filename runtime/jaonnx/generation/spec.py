@@ -1,8 +1,8 @@
 """Field metadata for generation options: what an option is, once.
 
 Each `SamplingSettings` field is declared with `option(...)`, which puts an `OptionSpec` in the
-dataclass field's metadata: the type callers pass, the help text, the bounds and which
-surfaces (command line, HTTP) offer it. The options table (`options.GENERATION_OPTIONS`), the
+dataclass field's metadata: the type callers pass, the help text, the bounds, which
+surfaces (command line, HTTP) offer it and under which names. The options table (`options.GENERATION_OPTIONS`), the
 HTTP schemas, the CLI flags and `SamplingSettings.validate` are all read from it, so a new
 option is one new field, and a bound cannot disagree between the surfaces.
 """
@@ -31,6 +31,8 @@ class OptionSpec:
     nullable: bool = False
     cli: bool = True  # offered by `jaonnx generate`
     http: bool = True  # accepted by `/v1/generate`
+    flags: tuple[str, ...] = ()  # `jaonnx generate`'s flags (default: --the-name)
+    openai: str | None = None  # OpenAI's name for it, where OpenAI has one under another name
 
     def rule(self) -> str:
         """The bound in words, for error messages: 'an integer >= 1', 'a number in (0, 1]'."""

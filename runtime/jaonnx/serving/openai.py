@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..generation import GenerationResult, TokenLogprob
+from ..generation import GENERATION_OPTIONS, GenerationResult, TokenLogprob
 from .batcher import GenerationJob, Piece
 from .events import EventMaker
 
-ALIASES = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}  # runtime name -> OpenAI's
+ALIASES = {o.name: o.openai for o in GENERATION_OPTIONS if o.openai}  # runtime name -> OpenAI's (the option table)
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
