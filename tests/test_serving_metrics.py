@@ -124,6 +124,17 @@ class HeldWorker:
         self.jobs.append(job)
 
 
+def test_scoring_counts_prompt_tokens_and_generates_none(server: Any) -> None:
+    """/v1/score runs on the engine (one token is made alongside): no generation tokens count."""
+    url, _ = server
+    before = scrape(url)
+    r = httpx.post(url + "/v1/score", json={"model": GPT, "input": ["東京は日本の首都です。", "今日は晴れ。"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    after = scrape(url)
+    assert delta(before, after, "jaonnx:prompt_tokens_total", model_name=GPT) == r.json()["usage"]["prompt_tokens"]
+    assert delta(before, after, "jaonnx:generation_tokens_total", model_name=GPT) == 0
+
+
 def test_gauges_follow_the_workers() -> None:
     from types import SimpleNamespace
 

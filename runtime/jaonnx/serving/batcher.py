@@ -77,6 +77,7 @@ class GenerationJob(Job):
 
     inputs: list[ProcessedPrompt] = field(default_factory=list)
     stream: bool = False
+    scoring: bool = False  # only the prompts' log-probabilities are wanted (the one token made is not)
 
     @property
     def texts(self) -> list[str]:

@@ -101,7 +101,7 @@ class Metrics:
             self.success.labels(name, "stop").inc()
             return
         prompt = sum(len(p.ids) for p in job.inputs)
-        generated = [len(r.generated_ids) for r in results]
+        generated = [0 if job.scoring else len(r.generated_ids) for r in results]  # scoring generates nothing
         self.prompt_tokens.labels(name).inc(prompt)
         self.generation_tokens.labels(name).inc(sum(generated))
         for r in results:

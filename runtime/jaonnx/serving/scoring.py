@@ -42,7 +42,7 @@ async def run_chunks(request: Any, worker: Any, job: GenerationJob, config: Any)
     size = config.max_batch_size
     results: list[GenerationResult] = []
     for start in range(0, len(job.inputs), size):
-        part = GenerationJob(sink=job.sink, inputs=job.inputs[start : start + size])
+        part = GenerationJob(sink=job.sink, inputs=job.inputs[start : start + size], scoring=job.scoring)
         got = await run(request, worker, part, config.request_timeout)
         if not isinstance(got, list):
             return got

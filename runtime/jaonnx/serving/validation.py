@@ -103,7 +103,7 @@ def prepare(model: Any, prompts: list[str], options: dict[str, Any], aliases: di
         for name, alias in aliases.items():
             message = message.replace(name, alias)
         raise RequestError(400, message, field) from None
-    return GenerationJob(sink=lambda _: None, inputs=inputs, stream=stream)
+    return GenerationJob(sink=lambda _: None, inputs=inputs, stream=stream, scoring=scoring is not None)
 
 
 def check_rows(rows: int, n: int, max_batch_size: int, n_field: str) -> None:
