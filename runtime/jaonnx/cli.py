@@ -101,9 +101,6 @@ def _load_generator(artifact: Path, providers: str) -> Any:
     return model
 
 
-CLI_FLAGS = {"max_new_tokens": ("--max-new-tokens", "-n"), "do_sample": ("--sample/--greedy",)}
-
-
 def _option_parameters() -> list[inspect.Parameter]:
     """`jaonnx generate`'s options, one per row of GENERATION_OPTIONS that the CLI offers."""
     from .generation.options import GENERATION_OPTIONS
@@ -112,9 +109,7 @@ def _option_parameters() -> list[inspect.Parameter]:
     for option in GENERATION_OPTIONS:
         if not option.cli:
             continue
-        flags = CLI_FLAGS.get(option.name, ("--" + option.name.replace("_", "-"),))
-        help_text = option.help if option.name != "do_sample" else "Sample, or decode greedily (default: the card's)."
-        annotation = Annotated[Optional[option.type], typer.Option(*flags, help=help_text)]
+        annotation = Annotated[Optional[option.type], typer.Option(*option.flags, help=option.help)]
         params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
     return params
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import JaonnxError
 from .batch import BatchDecoder
+from .inputs import ProcessedPrompt
 from ..numeric import log_softmax
 from .sampling import SamplingSettings, next_tokens
 from .streaming import IncrementalText
@@ -63,6 +64,9 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
+    # prompt_ids[1:] scored given the tokens before each (settings.prompt_logprobs); on a
+    # sequence's first output only
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class _Request:
     steps: int = 0
     logits: np.ndarray | None = None  # [n, vocab] or, after a speculative block, [n, k, vocab]
     drafted: list[int] = field(default_factory=list)  # tokens under verification (prompt lookup)
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed at admission, sent with the first output
 
     @property
     def rows(self) -> int:
@@ -131,7 +136,7 @@ class GenerationEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
         self,
-        prompt: str | Sequence[int],
+        prompt: ProcessedPrompt | str | Sequence[int],
         request_id: str | None = None,
         *,
         settings: SamplingSettings | None = None,
@@ -139,8 +144,14 @@ class GenerationEngine:
     ) -> str:
         """Queue a prompt (text, or token ids) with generation options (see GENERATION_OPTIONS;
         left out, they come from the model card), or with `settings` already resolved by
-        `TextGenerator.settings`. Errors are raised here, before any work."""
-        if isinstance(prompt, str):
+        `TextGenerator.settings`, or as a `ProcessedPrompt` (`TextGenerator.process`: ids,
+        text and settings; nothing is encoded, decoded or resolved again). Errors are raised
+        here, before any work."""
+        if isinstance(prompt, ProcessedPrompt):
+            if settings is not None or options:
+                raise JaonnxError("a processed prompt carries its settings: pass no options", "settings")
+            prompt_ids, prompt_text, settings = list(prompt.ids), prompt.text, prompt.settings
+        elif isinstance(prompt, str):
             prompt_ids, prompt_text = self._encode(prompt), prompt
         else:
             prompt_ids = _token_ids(prompt)
@@ -198,9 +209,12 @@ class GenerationEngine:
         """One decode forward for the running rows, prefill of the requests that fit, one
         sampled token (or a verified speculative block) per row. Returns each sequence's news."""
         self._forward()
+        scored = self._score_only()
         self._admit()
         self.last_step_rows = self.batch.rows
         outputs: list[RequestOutput] = []
+        for req in scored:
+            outputs.extend(self._advance(req))
         for req in self._running:
             outputs.extend(self._advance(req))
         self._running_keep([r for r in self._running if not r.finished])
@@ -236,11 +250,38 @@ class GenerationEngine:
         reserve = max(len(req.prompt_ids) + req.settings.max_new_tokens for req in joining)
         logits = self.batch.add(prompts, reserve)
         self._mask_padding(logits)
+        for req in joining:
+            if req.settings.prompt_logprobs is not None:
+                req.prompt_logprobs = self._prompt_logprobs(req)
         start = 0
         for req in joining:
             req.logits = logits[start : start + req.rows]
             start += req.rows
         self._running.extend(joining)
+
+    def _score_only(self) -> list[_Request]:
+        """Take the waiting requests at the head of the queue that need no KV cache: they want
+        their prompt's log-probabilities and a single token (scoring). One full-sequence
+        forward gives both, outside the running batch, and they finish in this step."""
+        done: list[_Request] = []
+        while self._waiting and _needs_no_cache(self._waiting[0]):
+            req = self._waiting.popleft()
+            logits = self.batch.logits(req.prompt_ids)
+            self._mask_padding(logits)
+            req.prompt_logprobs = prompt_logprobs(logits[:-1], req.prompt_ids[1:], req.settings.prompt_logprobs or 0)
+            req.logits = logits[-1:]
+            done.append(req)
+        return done
+
+    def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
+        """Each prompt token after the first, scored given the ones before (vLLM's
+        `prompt_logprobs`), from one full-sequence forward that leaves the batch as it was."""
+        ids = req.prompt_ids
+        if len(ids) < 2:
+            return []
+        logits = self.batch.logits(ids)[: len(ids) - 1]
+        self._mask_padding(logits)
+        return prompt_logprobs(logits, ids[1:], req.settings.prompt_logprobs or 0)
 
     def _mask_padding(self, logits: np.ndarray) -> None:
         """An embedding table padded past the tokenizer: those ids are never picked."""
@@ -295,10 +336,12 @@ class GenerationEngine:
             if not new[i]:
                 continue
             piece = self._update_text(req, seq, new[i])
+            first = len(seq.generated) == len(new[i])
             outputs.append(
                 RequestOutput(
                     req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
                     list(seq.generated), seq.text, new_logprobs[i] if s.logprobs is not None else None,
+                    req.prompt_logprobs if first else None,
                 )
             )
         return outputs
@@ -384,6 +427,11 @@ class GenerationEngine:
         return accepted
 
 
+def _needs_no_cache(req: _Request) -> bool:
+    s = req.settings
+    return s.prompt_logprobs is not None and s.max_new_tokens == 1 and req.rows == 1 and not s.prompt_lookup
+
+
 def _token_ids(prompt: Sequence[int]) -> list[int]:
     try:
         ids = [int(t) for t in prompt]
@@ -398,3 +446,18 @@ def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     lp = log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
     best = np.argsort(-lp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])
+
+
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `targets` under logits [len(targets), vocab] (row i predicts
+    targets[i]), each with the `top` likeliest alternatives, most likely first."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64))
+    rows = np.arange(len(targets))
+    chosen = lp[rows, np.asarray(targets, dtype=np.int64)]
+    if not top:
+        return [TokenLogprob(int(t), float(v)) for t, v in zip(targets, chosen)]
+    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    order = np.argsort(-np.take_along_axis(lp, part, axis=-1), axis=-1, kind="stable")
+    best = np.take_along_axis(part, order, axis=-1)
+    return [TokenLogprob(int(t), float(chosen[i]), [(int(b), float(lp[i, b])) for b in best[i]])
+            for i, t in enumerate(targets)]
