@@ -19,6 +19,8 @@ from ..session import Providers
 from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
 from .static_cache import StaticBatchDecoder
+from .constraints import Constraints
+from ..tokenization.token_bytes import TokenVocabulary
 from .engine import GenerationEngine, RequestOutput, TokenLogprob
 from .options import check_position_budget, resolve_settings
 from .sampling import SamplingSettings
@@ -32,6 +34,8 @@ class GenerationResult:
     generated_ids: list[int]
     finish_reason: str  # "eos", "stop" or "length"
     logprobs: list[TokenLogprob] | None = None  # one per generated id, when asked for
+    constraint: str | None = None  # structured output: "satisfied" | "incomplete" | "failed"
+    error: str | None = None  # why a constraint failed
 
     @property
     def full_text(self) -> str:
@@ -39,8 +43,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.logprobs is None:
-            del data["logprobs"]
+        for key in ("logprobs", "constraint", "error"):
+            if data[key] is None:
+                del data[key]
         return data
 
 
@@ -78,7 +83,7 @@ class ResultCollector:
         return [
             GenerationResult(
                 self.prompts[row // self.n], out.text, list(out.prompt_ids), out.token_ids, str(out.finish_reason),
-                self._logprobs.get(row) if out.logprobs is not None else None,
+                self._logprobs.get(row) if out.logprobs is not None else None, out.constraint, out.error,
             )
             for row, out in sorted(self._finals.items())
         ]
@@ -123,9 +128,21 @@ class TextGenerator(ArtifactModel):
     def settings(self, prompt_len: int, **options: Any) -> SamplingSettings:
         """Card defaults from the recipe, overridden by the caller's options (None = default),
         validated and checked against the model's positions."""
-        return resolve_settings(
+        settings = resolve_settings(
             self.defaults, prompt_len, max_positions=self.manifest.max_positions,
             vocab_size=self.manifest.vocab_size, model_eos_id=self.eos_id, token_id=self._token_id, **options,
+        )
+        if settings.constraint is not None:
+            self.constraints.compile(settings.constraint)  # a bad schema/regex/grammar fails here, cached
+        return settings
+
+    @cached_property
+    def constraints(self) -> Constraints:
+        """Structured output for this model's vocabulary (llguidance loads on first use)."""
+        backend = self.tokenizer.backend
+        return Constraints(
+            lambda: TokenVocabulary.from_backend(backend, self.manifest.special_ids.values(), self.eos_id),
+            backend.encode_exact,
         )
 
     def _token_id(self, word: str) -> int:
@@ -169,6 +186,7 @@ class TextGenerator(ArtifactModel):
         return GenerationEngine(
             self.new_batch(), decode=self.decode, encode=self.encode, resolve=self.settings,
             pad_id=self.pad_id, max_batch_size=max_batch_size, vocab_limit=self.manifest.tokenizer_size,
+            constraints=self.constraints,
         )
 
     # ---- public API -----------------------------------------------------------------------

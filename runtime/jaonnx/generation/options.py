@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import JaonnxError
 from ..recipes import GenerationDefaults
+from .constraints import constraint_spec
 from .sampling import SamplingSettings
 
 INT64 = 2**63 - 1
@@ -50,6 +51,12 @@ GENERATION_OPTIONS: tuple[Option, ...] = (
     Option("prompt_lookup", int, "Greedy only: draft up to N tokens by matching the prompt's n-grams "
            "(exact: the output equals plain greedy).", ge=0, le=64),
     Option("logprobs", int, "Also return the log-probability of each generated token and the top N.", ge=0, le=20),
+    # Structured output (generation/constraints.py; needs `jaonnx[structured]`): at most one of these.
+    Option("json_schema", str, "Output JSON valid under this JSON schema (JSON text; a dict in Python/HTTP)."),
+    Option("json_object", bool, "Output one JSON object."),
+    Option("regex", str, "Output a full match of this regular expression."),
+    Option("choice", list[str], "Output exactly one of these strings."),
+    Option("grammar", str, "Output a sentence of this grammar (Lark, or llama.cpp's GBNF)."),
 )
 OPTION_NAMES = frozenset(o.name for o in GENERATION_OPTIONS)
 
@@ -98,6 +105,7 @@ def resolve_settings(
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
         prompt_lookup=given.get("prompt_lookup", 0),
         logprobs=given.get("logprobs"),
+        constraint=constraint_spec(given),  # structured output
     ).validate(vocab_size)
     check_position_budget(prompt_len, settings.max_new_tokens, max_positions)
     return settings

@@ -7,11 +7,15 @@ change which tokens are allowed), then temperature, top-k, top-p (these shape sa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import JaonnxError
 from ..numeric import softmax
+
+if TYPE_CHECKING:
+    from .constraints import ConstraintSpec
 
 NEG_INF = np.float32(-np.inf)
 
@@ -32,6 +36,7 @@ class SamplingSettings:
     stop: tuple[str, ...] = ()  # stop before any of these strings
     prompt_lookup: int = 0  # greedy: draft up to this many tokens from the prompt's n-grams
     logprobs: int | None = None  # return each generated token's log-probability and the top N
+    constraint: ConstraintSpec | None = None  # structured output (generation/constraints.py)
 
     def validate(self, vocab_size: int) -> SamplingSettings:
         def fail(name: str, rule: str, value: object) -> None:
