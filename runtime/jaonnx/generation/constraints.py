@@ -61,7 +61,7 @@ def constraint_spec(options: dict[str, Any]) -> ConstraintSpec | None:
                 raise JaonnxError(f"json_schema is not valid JSON ({exc.msg} at {exc.pos})", kind) from None
         if not isinstance(value, dict):
             raise JaonnxError(f"json_schema must be a JSON object (a schema), got {type(value).__name__}", kind)
-        return ConstraintSpec(kind, json.dumps(value, sort_keys=True, ensure_ascii=False))
+        return ConstraintSpec(kind, json.dumps(value, ensure_ascii=False))  # key order is output order
     if kind == "choice":
         if isinstance(value, str) or not isinstance(value, Sequence) or not value:
             raise JaonnxError("choice must be a non-empty list of strings", kind)

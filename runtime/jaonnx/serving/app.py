@@ -25,6 +25,7 @@ from .events import generate_events, run, sse
 from .operations import check_options, install as install_operations
 from .openai import ALIASES, completion_body, completion_events, completion_options
 from .scoring import echo_completion
+from .structured import completion_constraint
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
 from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
 
@@ -199,8 +200,10 @@ def create_app(
         n = req.n or 1
         options, greedy = completion_options(req)
         options["stop"] = stops(req.stop)
+        constraint, constraint_fields = completion_constraint(req)  # structured output
+        options.update(constraint)
         rows = [p for p in prompts for _ in range(n)] if greedy else prompts  # greedy copies are identical
-        job = await asyncio.to_thread(prepare, m.model, rows, options, ALIASES, bool(req.stream))
+        job = await asyncio.to_thread(prepare, m.model, rows, options, {**ALIASES, **constraint_fields}, bool(req.stream))
         check_rows(job.rows, n, config.max_batch_size, "n")
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": m.name}
         echo = bool(req.echo)

@@ -48,7 +48,7 @@ def choice_logprobs(model: Any, result: dict[str, Any], echo: bool, top: int) ->
     return body
 
 
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "error": "error"}  # error: a constraint failed
 
 
 def completion_body(
