@@ -303,7 +303,7 @@ def test_cli_generate_takes_the_constraint_options(byte_artifacts: dict[str, Pat
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["text"] in ("はい", "いいえ")
     schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
-                         "required": ["n"]})
+                         "required": ["n"], "additionalProperties": False})
     result = run_cli("generate", art, PROMPT, "--json-schema", schema, "--json", "--max-new-tokens", "30",
                      "--greedy")
     assert result.exit_code == 0 and isinstance(json.loads(json.loads(result.output)["text"])["n"], int), result.output
