@@ -309,3 +309,26 @@ def test_cli_generate_takes_the_constraint_options(byte_artifacts: dict[str, Pat
     assert result.exit_code == 0 and isinstance(json.loads(json.loads(result.output)["text"])["n"], int), result.output
     result = run_cli("generate", art, PROMPT, "--regex", "(")
     assert isinstance(result.exception, JaonnxError) and result.exception.field == "regex"
+
+
+def test_an_engine_without_constraint_support_says_so(gen: Any) -> None:
+    from jaonnx.generation.engine import GenerationEngine
+
+    engine = GenerationEngine(gen.new_batch(), decode=gen.decode, encode=gen.encode, resolve=gen.settings,
+                              pad_id=gen.pad_id)
+    with pytest.raises(JaonnxError, match="without structured output") as err:
+        engine.add_request(PROMPT, regex=r"\d", max_new_tokens=2)
+    assert err.value.field == "regex"
+
+
+def test_a_forbidden_token_is_an_internal_error_not_silence(gen: Any) -> None:
+    matcher = gen.constraints.matcher(constraint_spec({"regex": r"\d+"}), gen.eos_id)
+    allowed = matcher.allowed(gen.manifest.vocab_size)
+    assert allowed.any() and not allowed[gen.eos_id]  # nothing matched yet: no end
+    with pytest.raises(JaonnxError, match="broke the constraint"):
+        matcher.advance(int(np.flatnonzero(~allowed)[5]))
+
+
+def test_a_model_without_eos_gets_a_virtual_one(gen: Any) -> None:
+    v = TokenVocabulary.from_backend(gen.tokenizer.backend, gen.manifest.special_ids.values(), None)
+    assert v.eos_id == len(v.tokens) - 1 >= v.size and v.eos_id in v.special_ids

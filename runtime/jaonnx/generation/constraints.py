@@ -14,6 +14,7 @@ one-line error naming `jaonnx[structured]`.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,7 @@ class Constraints:
         self._vocab: TokenVocabulary | None = None
         self._tokenizer: Any = None
         self._cache: OrderedDict[ConstraintSpec, Any] = OrderedDict()
+        self._lock = threading.RLock()  # the server resolves settings on one thread, steps on another
 
     @property
     def vocabulary(self) -> TokenVocabulary:
@@ -129,6 +131,10 @@ class Constraints:
 
     def compile(self, spec: ConstraintSpec) -> Any:
         """A ready matcher for `spec` (to copy per row); errors are one line naming the option."""
+        with self._lock:
+            return self._compile(spec)
+
+    def _compile(self, spec: ConstraintSpec) -> Any:
         if spec in self._cache:
             self._cache.move_to_end(spec)
             return self._cache[spec]
@@ -167,7 +173,8 @@ class Constraints:
     def matcher(self, spec: ConstraintSpec, eos_id: int | None) -> RowMatcher:
         """A fresh matcher for one sequence; `eos_id` is the request's end-of-text id (None: the
         sequence can only end by the constraint finishing)."""
-        return RowMatcher(self.compile(spec).deep_copy(), self.vocabulary, eos_id)
+        with self._lock:
+            return RowMatcher(self._compile(spec).deep_copy(), self.vocabulary, eos_id)
 
 
 class RowMatcher:

@@ -74,15 +74,10 @@ class TokenVocabulary:
             return encoded
         longest = max(map(len, self._index), default=1)
         out, i = [], 0
-        while i < len(data):
-            for j in range(min(len(data), i + longest), i, -1):
-                token = self._index.get(data[i:j])
-                if token is not None:
-                    out.append(token)
-                    i = j
-                    break
-            else:  # no token, not even a virtual byte: cannot happen when virtual == 256
-                raise ValueError(f"byte {data[i]:#x} has no token")
+        while i < len(data):  # every single byte has a token (real or virtual), so this ends
+            j = next(j for j in range(min(len(data), i + longest), i, -1) if data[i:j] in self._index)
+            out.append(self._index[data[i:j]])
+            i = j
         return out
 
     def can_spell(self, data: bytes) -> bool:
