@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("llguidance", reason="pip install 'jaonnx[structured]'")
-jsonschema = pytest.importorskip("jsonschema")
+from serving_support import need  # noqa: E402  (a skip here, a failure under CI=true)
+
+need("llguidance", "structured")
+jsonschema = need("jsonschema", "dev")
 
 import jaonnx  # noqa: E402
 from jaonnx import JaonnxError  # noqa: E402

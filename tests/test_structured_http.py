@@ -16,9 +16,9 @@ from serving_support import assert_json_error, need, running_server, sse_events
 from structured_support import NESTED_SCHEMA, with_byte_fallback
 
 need("fastapi", "serve")
-pytest.importorskip("llguidance", reason="pip install 'jaonnx[structured]'")
-jsonschema = pytest.importorskip("jsonschema")
-httpx = pytest.importorskip("httpx")
+need("llguidance", "structured")
+jsonschema = need("jsonschema", "dev")
+httpx = need("httpx", "dev")
 
 MODEL = "gpt2-small-ja-bytes"
 PROMPT = "人物のデータ:"
