@@ -71,8 +71,10 @@ def test_fifty_sampled_outputs_validate_under_a_nested_schema(gens: dict[str, An
         results += gens[recipe].generate(PROMPT, max_new_tokens=120, json_schema=NESTED_SCHEMA, do_sample=True,
                                          seed=seed, num_return_sequences=25, return_ids=True)
     assert len(results) == 50
+    special = set(gens[recipe].manifest.special_ids.values())  # control/special tokens never inside the span
     for r in results:
         assert r.finish_reason == "stop" and r.constraint == "satisfied", r
+        assert not special & set(r.generated_ids), r.generated_ids
         jsonschema.validate(json.loads(r.text), NESTED_SCHEMA)
         assert "\ufffd" not in r.text and "▁" not in r.text  # clean UTF-8, no stray sentencepiece space
     assert len({r.text for r in results}) > 40  # really sampled
