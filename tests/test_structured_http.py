@@ -116,6 +116,7 @@ def test_incomplete_output_says_so(client: Any) -> None:
     ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
      "response_format"),
     ("/v1/completions", {"response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": "text"}}, "response_format"),
     ("/v1/completions", {"guided_regex": "(unclosed"}, "guided_regex"),
     ("/v1/completions", {"guided_grammar": "start: nowhere"}, "guided_grammar"),

@@ -49,7 +49,10 @@ def _response_format(value: dict[str, Any]) -> list[tuple[str, str, Any]]:
         if not isinstance(spec, dict):
             raise RequestError(400, "response_format.json_schema must be an object holding the schema",
                                "response_format")
-        schema = spec["schema"] if "schema" in spec else spec  # OpenAI nests it under "schema"
+        if "schema" not in spec and set(spec) <= {"name", "description", "strict"}:
+            raise RequestError(400, "response_format.json_schema has no schema: put it under \"schema\"",
+                               "response_format")
+        schema = spec["schema"] if "schema" in spec else spec  # OpenAI nests it under "schema"; vLLM takes it bare
         return [("response_format", "json_schema", schema)]
     raise RequestError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
                        "response_format")
