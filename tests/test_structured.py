@@ -336,3 +336,19 @@ def test_a_forbidden_token_is_an_internal_error_not_silence(gen: Any) -> None:
 def test_a_model_without_eos_gets_a_virtual_one(gen: Any) -> None:
     v = TokenVocabulary.from_backend(gen.tokenizer.backend, gen.manifest.special_ids.values(), None)
     assert v.eos_id == len(v.tokens) - 1 >= v.size and v.eos_id in v.special_ids
+
+
+# ---- the benchmark ----------------------------------------------------------------------------------
+def test_benchmark_vocabulary_and_mask_cost_smoke(tmp_path: Path) -> None:
+    from benchmarks import structured as bench
+    from sentencepiece import SentencePieceProcessor
+
+    spm = bench.synthetic_spm(3000)
+    sp = SentencePieceProcessor(model_proto=spm)
+    assert sp.get_piece_size() == 3000 and sp.is_byte(4) and sp.id_to_piece(3) == "</s>"
+    backend, vocab = bench.vocabulary(spm, tmp_path)
+    assert vocab.size == 3000 and vocab.virtual == 0
+    rows = bench.mask_cost({3000: (backend, vocab)}, steps=5)
+    assert [r["batch"] for r in rows] == [1, 8] and all(r["ms_per_row_median"] > 0 for r in rows)
+    table = bench.markdown({"libraries": [{"library": "x", "vocab": 3000, "error": "not installed (x)"}], "mask_cost": rows})
+    assert "| 3000 | 8 |" in table and "not installed" in table
