@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import JaonnxError
 from .batch import BatchDecoder
 from .inputs import ProcessedPrompt
+from .constraints import Constraints, RowMatcher, constrain_logits
 from ..numeric import log_softmax
 from .sampling import SamplingSettings, next_tokens
 from .streaming import IncrementalText
@@ -67,6 +68,10 @@ class RequestOutput:
     # prompt_ids[1:] scored given the tokens before each (settings.prompt_logprobs); on a
     # sequence's first output only
     prompt_logprobs: list[TokenLogprob] | None = None
+    # Structured output, once finished: "satisfied", "incomplete" (it ran out of tokens or hit a
+    # stop string first) or "failed" (the vocabulary cannot spell what must come next: `error`).
+    constraint: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -76,6 +81,8 @@ class _Sequence:
     text: str = ""  # the text so far, cut at a stop string
     emitted: str = ""  # the part of it already reported as final
     finish_reason: str | None = None
+    matcher: RowMatcher | None = None  # structured output
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -117,6 +124,7 @@ class GenerationEngine:
         pad_id: int,
         max_batch_size: int = 16,
         vocab_limit: int | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise JaonnxError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}", "max_batch_size")
@@ -127,6 +135,7 @@ class GenerationEngine:
         self._resolve = resolve
         self._pad = pad_id
         self._vocab_limit = vocab_limit  # ids from here on are embedding padding the tokenizer lacks
+        self._constraints = constraints
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
@@ -169,11 +178,14 @@ class GenerationEngine:
             request_id = f"req-{next(self._ids)}"
         if self._find(request_id) is not None:
             raise JaonnxError(f"request id {request_id!r} is already in use: pass a new one", "request_id")
+        sequences = [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)]
+        if settings.constraint is not None:  # structured output: one matcher per sequence
+            if self._constraints is None:
+                raise JaonnxError("this engine was built without structured output support", settings.constraint.kind)
+            for seq in sequences:
+                seq.matcher = self._constraints.matcher(settings.constraint, settings.eos_token_id)
         self._waiting.append(
-            _Request(
-                request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text,
-                [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)],
-            )
+            _Request(request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text, sequences)
         )
         return request_id
 
@@ -302,6 +314,7 @@ class GenerationEngine:
     # ---- sampling and bookkeeping ------------------------------------------------------------
     def _advance(self, req: _Request) -> list[RequestOutput]:
         """Pick this step's token(s) for every sequence of `req` and report them."""
+        was_done = [seq.done for seq in req.sequences]
         if req.drafted:
             accepted = self._verify(req)
         else:
@@ -321,6 +334,10 @@ class GenerationEngine:
                     new_logprobs[i].append(_logprob(logits[i], token, s.logprobs))
                 if token == s.eos_token_id:
                     seq.finish_reason = "eos"
+                if seq.matcher is not None:  # structured output: advance; a finished constraint ends the row
+                    seq.matcher.advance(token)
+                    if seq.matcher.stopped and not seq.done:
+                        seq.finish_reason = "stop"
             req.steps += 1
             if req.steps >= s.max_new_tokens:
                 for seq in req.sequences:
@@ -333,7 +350,7 @@ class GenerationEngine:
             req.drafted = self._draft(req)
         outputs = []
         for i, seq in enumerate(req.sequences):
-            if not new[i]:
+            if not new[i] and not (seq.done and not was_done[i]):
                 continue
             piece = self._update_text(req, seq, new[i])
             first = len(seq.generated) == len(new[i])
@@ -341,7 +358,7 @@ class GenerationEngine:
                 RequestOutput(
                     req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
                     list(seq.generated), seq.text, new_logprobs[i] if s.logprobs is not None else None,
-                    req.prompt_logprobs if first else None,
+                    req.prompt_logprobs if first else None, *_constraint_state(seq),
                 )
             )
         return outputs
@@ -351,14 +368,23 @@ class GenerationEngine:
         s = req.settings
         needs_history = s.repetition_penalty != 1.0 or s.bad_words_ids
         history = [req.prompt_ids + seq.generated for seq in req.sequences] if needs_history else []
-        tokens = next_tokens(req.logits, history, req.steps, s, req.rng)
+        logits = req.logits
+        if s.constraint is not None:  # structured output: mask a copy; logprobs stay the model's own
+            logits, verdicts = constrain_logits(logits, [None if q.done else q.matcher for q in req.sequences])
+            for seq, verdict in zip(req.sequences, verdicts):
+                if verdict == "error":
+                    seq.error = (f"the model's vocabulary cannot spell what the {s.constraint.kind} constraint "
+                                 f"requires after {self._decode(seq.generated)[-40:]!r}")
+                if verdict is not None:
+                    seq.finish_reason = verdict
+        tokens = next_tokens(logits, history, req.steps, s, req.rng)
         tokens = np.where([seq.done for seq in req.sequences], self._pad, tokens)
         return tokens, req.logits
 
     def _update_text(self, req: _Request, seq: _Sequence, new: list[int]) -> str:
         """Extend the sequence's text by its new tokens (cut at a stop string) and return the
         part that is now final."""
-        if seq.finish_reason == "stop":
+        if seq.finish_reason == "stop" and not new:
             return ""
         seq.detok.push(new)
         if seq.done:
@@ -389,6 +415,8 @@ class GenerationEngine:
         sequence's last n-gram (n = 3, 2, 1) in prompt + generated text."""
         if req.rows != 1 or len(self._running) > 1 or self._waiting:
             return []  # speculation pays off for a lone sequence; a shared batch decodes plainly
+        if req.settings.constraint is not None:
+            return []  # structured output: lookup is off for constrained rows
         seq = req.sequences[0]
         room = req.settings.max_new_tokens - len(seq.generated) - 1
         limit = min(req.settings.prompt_lookup, room)
@@ -430,6 +458,16 @@ class GenerationEngine:
 def _needs_no_cache(req: _Request) -> bool:
     s = req.settings
     return s.prompt_logprobs is not None and s.max_new_tokens == 1 and req.rows == 1 and not s.prompt_lookup
+
+
+def _constraint_state(seq: _Sequence) -> tuple[str | None, str | None]:
+    """RequestOutput's (constraint, error) for a sequence: set once a constrained one is done."""
+    if seq.matcher is None or not seq.done:
+        return None, None
+    if seq.error is not None:
+        return "failed", seq.error
+    cut = seq.finish_reason == "stop" and seq.matcher.satisfied and not seq.matcher.stopped
+    return ("satisfied" if seq.matcher.satisfied and not cut else "incomplete"), None
 
 
 def _token_ids(prompt: Sequence[int]) -> list[int]:

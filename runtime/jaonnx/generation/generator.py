@@ -18,6 +18,8 @@ from ..session import Providers
 from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
 from .static_cache import StaticBatchDecoder
+from .constraints import Constraints
+from ..tokenization.token_bytes import TokenVocabulary
 from .engine import GenerationEngine, RequestOutput, TokenLogprob
 from .inputs import InputProcessor, ProcessedPrompt
 from .options import resolve_settings
@@ -34,6 +36,8 @@ class GenerationResult:
     finish_reason: str  # "eos", "stop" or "length"
     logprobs: list[TokenLogprob] | None = None  # one per generated id, when asked for
     prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt id after the first, when asked for
+    constraint: str | None = None  # structured output: "satisfied" | "incomplete" | "failed"
+    error: str | None = None  # why a constraint failed
 
     @property
     def full_text(self) -> str:
@@ -41,7 +45,7 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs", "constraint", "error"):
             if data[name] is None:
                 del data[name]
         return data
@@ -85,6 +89,7 @@ class ResultCollector:
             GenerationResult(
                 self.prompts[row // self.n], out.text, list(out.prompt_ids), out.token_ids, str(out.finish_reason),
                 self._logprobs.get(row) if out.logprobs is not None else None, self._prompt_logprobs.get(row),
+                out.constraint, out.error,
             )
             for row, out in sorted(self._finals.items())
         ]
@@ -129,9 +134,21 @@ class TextGenerator(ArtifactModel):
     def settings(self, prompt_len: int, **options: Any) -> SamplingSettings:
         """Card defaults from the recipe, overridden by the caller's options (None = default),
         validated and checked against the model's positions."""
-        return resolve_settings(
+        settings = resolve_settings(
             self.defaults, prompt_len, max_positions=self.manifest.max_positions,
             vocab_size=self.manifest.vocab_size, model_eos_id=self.eos_id, token_id=self._token_id, **options,
+        )
+        if settings.constraint is not None:
+            self.constraints.compile(settings.constraint)  # a bad schema/regex/grammar fails here, cached
+        return settings
+
+    @cached_property
+    def constraints(self) -> Constraints:
+        """Structured output for this model's vocabulary (llguidance loads on first use)."""
+        backend = self.tokenizer.backend
+        return Constraints(
+            lambda: TokenVocabulary.from_backend(backend, self.manifest.special_ids.values(), self.eos_id),
+            backend.encode_exact,
         )
 
     @cached_property
@@ -184,6 +201,7 @@ class TextGenerator(ArtifactModel):
         return GenerationEngine(
             self.new_batch(), decode=self.decode, encode=self.encode, resolve=self.settings,
             pad_id=self.pad_id, max_batch_size=max_batch_size, vocab_limit=self.manifest.tokenizer_size,
+            constraints=self.constraints,
         )
 
     # ---- public API -----------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import JaonnxError
 from ..recipes import GenerationDefaults
+from .constraints import CONSTRAINT_OPTION_SPECS, CONSTRAINT_OPTIONS, constraint_spec
 from .sampling import SamplingSettings
 from .spec import INT64, MAX_STOPS, MAX_TOKENS, OptionSpec
 
@@ -40,7 +41,11 @@ class Option:
         return cls(name, spec.type, spec.help, spec.ge, spec.gt, spec.le, spec.cli, spec.http, flags, spec.openai)
 
 
-GENERATION_OPTIONS: tuple[Option, ...] = tuple(Option.of(f.name, f.metadata["option"]) for f in fields(SamplingSettings))
+# Fields whose metadata has no option (the compiled `constraint`) are results, not options. The
+# structured-output spellings are options that resolve into that one field (constraints.py).
+GENERATION_OPTIONS: tuple[Option, ...] = tuple(
+    Option.of(f.name, f.metadata["option"]) for f in fields(SamplingSettings) if f.metadata.get("option")
+) + tuple(Option.of(name, spec) for name, spec in CONSTRAINT_OPTION_SPECS.items())
 OPTION_NAMES = frozenset(o.name for o in GENERATION_OPTIONS)
 CARD_DEFAULTS = frozenset(f.name for f in fields(GenerationDefaults))  # options the model card can set
 
@@ -81,6 +86,7 @@ def resolve_settings(
     given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
     for name in CARD_DEFAULTS & OPTION_NAMES:
         given.setdefault(name, getattr(d, name))
+    given["constraint"] = constraint_spec({k: given.pop(k, None) for k in CONSTRAINT_OPTIONS})  # structured output
     settings = SamplingSettings(**given).validate(vocab_size)
     check_position_budget(prompt_len, settings.max_new_tokens, max_positions)
     return settings

@@ -6,13 +6,17 @@ change which tokens are allowed), then temperature, top-k, top-p (these shape sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import JaonnxError
 from ..numeric import softmax
 from .spec import INT64, MAX_LOGPROBS, MAX_STOPS, MAX_TOKENS, OptionSpec, option
+
+if TYPE_CHECKING:
+    from .constraints import ConstraintSpec
 
 NEG_INF = np.float32(-np.inf)
 
@@ -49,6 +53,9 @@ class SamplingSettings:
     prompt_logprobs: int | None = option(
         None, help="Also return the log-probability of each prompt token after the first, and the top N (as vLLM).",
         type=int, ge=0, le=MAX_LOGPROBS, nullable=True, cli=False)
+    # Structured output, compiled from the constraint options by `resolve_settings`
+    # (generation/constraints.py): a result of resolution, not an option of its own.
+    constraint: ConstraintSpec | None = field(default=None, metadata={"option": None})
 
     def validate(self, vocab_size: int) -> SamplingSettings:
         """Every field against its `option` metadata, then the rules that tie fields together
@@ -57,7 +64,9 @@ class SamplingSettings:
             raise JaonnxError(f"{name} must be {rule}, got {value!r}", name)
 
         for f in fields(self):
-            spec: OptionSpec = f.metadata["option"]
+            spec: OptionSpec | None = f.metadata.get("option")
+            if spec is None:
+                continue
             value = getattr(self, f.name)
             if value is None and spec.nullable:
                 continue

@@ -29,6 +29,7 @@ from .events import generate_body, generate_events, run, sse
 from .operations import check_options, install as install_operations
 from .openai import ALIASES, completion_body, completion_events
 from .scoring import echo_completion
+from .structured import completion_constraint
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
 from .tokenize import tokenize_router
 from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
@@ -182,8 +183,11 @@ def create_app(
             return await echo_completion(request, m, req, prompts, config)
         openai_unsupported(req)
         n = req.n or 1
+        options = req.to_options()
+        constraint, constraint_fields = completion_constraint(req)  # structured output
+        options.update(constraint)
         rows = [p for p in prompts for _ in range(n)] if req.greedy else prompts  # greedy copies are identical
-        job = await asyncio.to_thread(prepare, m.model, rows, req.to_options(), ALIASES, bool(req.stream))
+        job = await asyncio.to_thread(prepare, m.model, rows, options, {**ALIASES, **constraint_fields}, bool(req.stream))
         check_rows(job.rows, n, config.max_batch_size, "n")
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": m.name}
         echo = bool(req.echo)

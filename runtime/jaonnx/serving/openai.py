@@ -13,7 +13,7 @@ from .batcher import GenerationJob, Piece
 from .events import EventMaker
 
 ALIASES = {o.name: o.openai for o in GENERATION_OPTIONS if o.openai}  # runtime name -> OpenAI's (the option table)
-FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "error": "error"}  # error: a constraint failed
 
 
 def _top(model: Any, lp: TokenLogprob) -> dict[str, float]:

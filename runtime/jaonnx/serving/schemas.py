@@ -41,6 +41,8 @@ def _field(option: Option) -> tuple[Any, Any]:
         extra["allow_inf_nan"] = False
     if option.name == "stop":
         annotation = str | list[str]
+    if option.name == "json_schema":  # structured output: the schema as an object, or as JSON text
+        annotation = dict[str, Any] | str
     return annotation | None, Field(None, ge=option.ge, gt=option.gt, le=option.le, description=option.help, **extra)
 
 
@@ -82,6 +84,13 @@ class CompletionRequest(StrictBody):
     repetition_penalty: float = Field(
         1.0, gt=EXTENSIONS["repetition_penalty"].gt, le=EXTENSIONS["repetition_penalty"].le, allow_inf_nan=False
     )
+    # Structured output (serving/structured.py): OpenAI's response_format, vLLM's fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
