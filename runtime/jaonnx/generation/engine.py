@@ -31,11 +31,13 @@ import numpy as np
 from ..errors import JaonnxError
 from . import prompt_lookup
 from .batch import BatchDecoder, JoiningRow
-from .output import Decode, OutputProcessor, RequestOutput, SequenceState, TokenLogprob
+from .constraints import Constraints, constrain_logits
+from .inputs import ProcessedPrompt
+from .output import Decode, OutputProcessor, RequestOutput, SequenceState, TokenLogprob, prompt_logprobs
 from .prefix_cache import DEFAULT_MB, PrefixCache
 from .sampling import SamplingSettings, next_tokens
 
-__all__ = ["DEFAULT_PREFILL_TOKENS", "GenerationEngine", "RequestOutput", "TokenLogprob"]
+__all__ = ["DEFAULT_PREFILL_TOKENS", "GenerationEngine", "RequestOutput", "TokenLogprob", "prompt_logprobs"]
 
 # Prompt tokens prefilled per step while rows are running. Chosen by measurement
 # (benchmarks/results/head_of_line_steps.md, GPT-2 small shape int8, CPU time per step): with 4
@@ -56,6 +58,7 @@ class _Request:
     logits: np.ndarray | None = None  # [n, vocab] or, after a speculative block, [n, k, vocab]
     drafted: list[int] = field(default_factory=list)  # tokens under verification (prompt lookup)
     joining: JoiningRow | None = None  # the prompt's cache while it is prefilled
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed once prefilled, sent with the first output
 
     @property
     def rows(self) -> int:
@@ -85,6 +88,7 @@ class GenerationEngine:
         max_prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
         prefix_cache: bool = True,
         prefix_cache_mb: float = DEFAULT_MB,
+        constraints: Constraints | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise JaonnxError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}", "max_batch_size")
@@ -102,6 +106,7 @@ class GenerationEngine:
         self._encode = encode
         self._resolve = resolve
         self._pad = pad_id
+        self._constraints = constraints
         self._waiting: deque[_Request] = deque()
         self._prefilling: list[_Request] = []  # admitted, prompt not yet fully in the cache
         self._running: list[_Request] = []
@@ -113,7 +118,7 @@ class GenerationEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
         self,
-        prompt: str | Sequence[int],
+        prompt: ProcessedPrompt | str | Sequence[int],
         request_id: str | None = None,
         *,
         settings: SamplingSettings | None = None,
@@ -121,8 +126,14 @@ class GenerationEngine:
     ) -> str:
         """Queue a prompt (text, or token ids) with generation options (see GENERATION_OPTIONS;
         left out, they come from the model card), or with `settings` already resolved by
-        `TextGenerator.settings`. Errors are raised here, before any work."""
-        if isinstance(prompt, str):
+        `TextGenerator.settings`, or as a `ProcessedPrompt` (`TextGenerator.process`: ids,
+        text and settings; nothing is encoded, decoded or resolved again). Errors are raised
+        here, before any work."""
+        if isinstance(prompt, ProcessedPrompt):
+            if settings is not None or options:
+                raise JaonnxError("a processed prompt carries its settings: pass no options", "settings")
+            prompt_ids, prompt_text, settings = list(prompt.ids), prompt.text, prompt.settings
+        elif isinstance(prompt, str):
             prompt_ids, prompt_text = self._encode(prompt), prompt
         else:
             prompt_ids = _token_ids(prompt)
@@ -140,11 +151,14 @@ class GenerationEngine:
             request_id = f"req-{next(self._ids)}"
         if self._find(request_id) is not None:
             raise JaonnxError(f"request id {request_id!r} is already in use: pass a new one", "request_id")
+        sequences = self.output.sequences(prompt_ids, settings.num_return_sequences)
+        if settings.constraint is not None:  # structured output: one matcher per sequence
+            if self._constraints is None:
+                raise JaonnxError("this engine was built without structured output support", settings.constraint.kind)
+            for seq in sequences:
+                seq.matcher = self._constraints.matcher(settings.constraint, settings.eos_token_id)
         self._waiting.append(
-            _Request(
-                request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text,
-                self.output.sequences(prompt_ids, settings.num_return_sequences),
-            )
+            _Request(request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text, sequences)
         )
         return request_id
 
@@ -187,9 +201,12 @@ class GenerationEngine:
         prompts, one sampled token (or a verified speculative block) per row. Returns each
         sequence's news; a prompt finished this step yields its first token in this step."""
         self._forward()
+        scored = self._score_only()
         self._prefill()
         self.last_step_rows = self.batch.rows
         outputs: list[RequestOutput] = []
+        for req in scored:
+            outputs.extend(self._advance(req))
         for req in self._running:
             outputs.extend(self._advance(req))
         self._running_keep([r for r in self._running if not r.finished])
@@ -239,6 +256,27 @@ class GenerationEngine:
                 break  # the budget is spent; the next step goes on
             self._join(self._prefilling.pop(0), logits)
 
+    def _score_only(self) -> list[_Request]:
+        """Take the waiting requests at the head of the queue that need no KV cache: they want
+        their prompt's log-probabilities and a single token (scoring). One full-sequence
+        forward gives both, outside the running batch, and they finish in this step."""
+        done: list[_Request] = []
+        while self._waiting and _needs_no_cache(self._waiting[0]):
+            req = self._waiting.popleft()
+            logits = self.batch.logits(req.prompt_ids)  # ids past the tokenizer are masked there
+            req.prompt_logprobs = prompt_logprobs(logits[:-1], req.prompt_ids[1:], req.settings.prompt_logprobs or 0)
+            req.logits = logits[-1:]
+            done.append(req)
+        return done
+
+    def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
+        """Each prompt token after the first, scored given the ones before (vLLM's
+        `prompt_logprobs`), from one full-sequence forward that leaves the batch as it was."""
+        ids = req.prompt_ids
+        if len(ids) < 2:
+            return []
+        return prompt_logprobs(self.batch.logits(ids)[: len(ids) - 1], ids[1:], req.settings.prompt_logprobs or 0)
+
     def _open(self, req: _Request) -> JoiningRow:
         """A joining row for `req`, holding the longest cached prefix of its prompt."""
         _, blocks = self.prefix_cache.lookup(req.prompt_ids) if self.prefix_cache else (0, [])
@@ -249,6 +287,8 @@ class GenerationEngine:
         assert row is not None
         self.batch.join(row, req.rows)
         req.joining = None
+        if req.settings.prompt_logprobs is not None:
+            req.prompt_logprobs = self._prompt_logprobs(req)
         req.logits = np.repeat(logits[None], req.rows, axis=0)
         self._running.append(req)
 
@@ -266,6 +306,7 @@ class GenerationEngine:
     # ---- sampling and bookkeeping ------------------------------------------------------------
     def _advance(self, req: _Request) -> list[RequestOutput]:
         """Pick this step's token(s) for every sequence of `req` and report them."""
+        was_done = [seq.done for seq in req.sequences]
         if req.drafted:
             accepted = self._verify(req)
         else:
@@ -285,6 +326,10 @@ class GenerationEngine:
                     new_logits[i].append(logits[i])
                 if token == s.eos_token_id:
                     seq.finish_reason = "eos"
+                if seq.matcher is not None:  # structured output: advance; a finished constraint ends the row
+                    seq.matcher.advance(token)
+                    if seq.matcher.stopped and not seq.done:
+                        seq.finish_reason = "stop"
             req.steps += 1
             if req.steps >= s.max_new_tokens:
                 for seq in req.sequences:
@@ -295,14 +340,25 @@ class GenerationEngine:
         req.logits = None
         if s.prompt_lookup and not req.finished:
             req.drafted = self._draft(req)
-        return self.output.outputs(req.request_id, req.prompt_text, req.prompt_ids, s, req.sequences, new, new_logits)
+        return self.output.outputs(req.request_id, req.prompt_text, req.prompt_ids, s, req.sequences, new, new_logits,
+                                   was_done, req.prompt_logprobs)
 
     def _sample(self, req: _Request) -> tuple[np.ndarray, np.ndarray]:
+        """The one place tokens are picked (structured output masks a copy of the logits here)."""
         assert req.logits is not None
         s = req.settings
         needs_history = s.repetition_penalty != 1.0 or s.bad_words_ids
         history = [req.prompt_ids + seq.generated for seq in req.sequences] if needs_history else []
-        tokens = next_tokens(req.logits, history, req.steps, s, req.rng)
+        logits = req.logits
+        if s.constraint is not None:  # structured output: mask a copy; logprobs stay the model's own
+            logits, verdicts = constrain_logits(logits, [None if q.done else q.matcher for q in req.sequences])
+            for seq, verdict in zip(req.sequences, verdicts):
+                if verdict == "error":
+                    seq.error = (f"the model's vocabulary cannot spell what the {s.constraint.kind} constraint "
+                                 f"requires after {self._decode(seq.generated)[-40:]!r}")
+                if verdict is not None:
+                    seq.finish_reason = verdict
+        tokens = next_tokens(logits, history, req.steps, s, req.rng)
         tokens = np.where([seq.done for seq in req.sequences], self._pad, tokens)
         return tokens, req.logits
 
@@ -310,6 +366,8 @@ class GenerationEngine:
     def _draft(self, req: _Request) -> list[int]:
         if req.rows != 1 or len(self._running) > 1 or self._waiting or self._prefilling:
             return []  # speculation pays off for a lone sequence; a shared batch decodes plainly
+        if req.settings.constraint is not None:
+            return []  # structured output: lookup is off for constrained rows
         seq = req.sequences[0]
         room = req.settings.max_new_tokens - len(seq.generated) - 1
         return prompt_lookup.draft(req.prompt_ids + seq.generated, min(req.settings.prompt_lookup, room))
@@ -321,6 +379,11 @@ class GenerationEngine:
         accepted = prompt_lookup.verify(req.logits[0], drafted, history, req.steps, req.settings, req.rng)
         self.batch.discard(len(drafted) + 1 - len(accepted))
         return accepted
+
+
+def _needs_no_cache(req: _Request) -> bool:
+    s = req.settings
+    return s.prompt_logprobs is not None and s.max_new_tokens == 1 and req.rows == 1 and not s.prompt_lookup
 
 
 def _token_ids(prompt: Sequence[int]) -> list[int]:

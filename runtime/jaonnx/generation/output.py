@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..numeric import log_softmax
+from .constraints import RowMatcher
 from .sampling import SamplingSettings
 from .streaming import IncrementalText
 
@@ -50,6 +51,13 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
+    # prompt_ids[1:] scored given the tokens before each (settings.prompt_logprobs); on a
+    # sequence's first output only
+    prompt_logprobs: list[TokenLogprob] | None = None
+    # Structured output, once finished: "satisfied", "incomplete" (it ran out of tokens or hit a
+    # stop string first) or "failed" (the vocabulary cannot spell what must come next: `error`).
+    constraint: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -61,6 +69,8 @@ class SequenceState:
     text: str = ""  # the text so far, cut at a stop string
     emitted: str = ""  # the part of it already reported as final
     finish_reason: str | None = None
+    matcher: RowMatcher | None = None  # structured output
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -79,20 +89,23 @@ class OutputProcessor:
     def outputs(
         self, request_id: str, prompt: str, prompt_ids: list[int], settings: SamplingSettings,
         sequences: Sequence[SequenceState], new: Sequence[list[int]], new_logits: Sequence[list[np.ndarray]],
+        was_done: Sequence[bool], prompt_lps: list[TokenLogprob] | None = None,
     ) -> list[RequestOutput]:
         """The `RequestOutput`s of one step: `new[i]` are sequence i's new tokens (already in
-        its `generated`), `new_logits[i]` their logits when the request asked for logprobs."""
+        its `generated`), `new_logits[i]` their logits when the request asked for logprobs; a
+        sequence that finished this step without a token (a constraint ended it) reports too."""
         outputs = []
         for i, seq in enumerate(sequences):
-            if not new[i]:
+            if not new[i] and not (seq.done and not was_done[i]):
                 continue
             logprobs = None
             if settings.logprobs is not None:
                 logprobs = [token_logprob(lg, t, settings.logprobs) for t, lg in zip(new[i], new_logits[i])]
             piece = self.update_text(settings.stop, seq, new[i])
+            first = len(seq.generated) == len(new[i])
             outputs.append(RequestOutput(
                 request_id, i, new[i], piece, seq.done, seq.finish_reason, prompt, prompt_ids,
-                list(seq.generated), seq.text, logprobs,
+                list(seq.generated), seq.text, logprobs, prompt_lps if first else None, *constraint_state(seq),
             ))
         return outputs
 
@@ -100,7 +113,7 @@ class OutputProcessor:
     def update_text(stops: Sequence[str], seq: SequenceState, new: list[int]) -> str:
         """Extend the sequence's text by its new tokens (cut at a stop string, which finishes
         it with "stop") and return the part that is now final."""
-        if seq.finish_reason == "stop":
+        if seq.finish_reason == "stop" and not new:
             return ""
         seq.detok.push(new)
         if seq.done:
@@ -130,3 +143,28 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     lp = log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
     best = np.argsort(-lp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])
+
+
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `targets` under logits [len(targets), vocab] (row i predicts
+    targets[i]), each with the `top` likeliest alternatives, most likely first."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64))
+    rows = np.arange(len(targets))
+    chosen = lp[rows, np.asarray(targets, dtype=np.int64)]
+    if not top:
+        return [TokenLogprob(int(t), float(v)) for t, v in zip(targets, chosen)]
+    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    order = np.argsort(-np.take_along_axis(lp, part, axis=-1), axis=-1, kind="stable")
+    best = np.take_along_axis(part, order, axis=-1)
+    return [TokenLogprob(int(t), float(chosen[i]), [(int(b), float(lp[i, b])) for b in best[i]])
+            for i, t in enumerate(targets)]
+
+
+def constraint_state(seq: SequenceState) -> tuple[str | None, str | None]:
+    """RequestOutput's (constraint, error) for a sequence: set once a constrained one is done."""
+    if seq.matcher is None or not seq.done:
+        return None, None
+    if seq.error is not None:
+        return "failed", seq.error
+    cut = seq.finish_reason == "stop" and seq.matcher.satisfied and not seq.matcher.stopped
+    return ("satisfied" if seq.matcher.satisfied and not cut else "incomplete"), None
