@@ -96,7 +96,7 @@ def test_serve_options_are_the_config_fields() -> None:
 
     names = set(inspect.signature(serve).parameters)
     assert {f.name for f in fields(ServeConfig)} <= names
-    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200, env={"COLUMNS": "200"}).output  # rich reads COLUMNS
     for f in fields(ServeConfig):
         flag = (f.metadata["setting"].flags or ("--" + f.name.replace("_", "-"),))[0].split("/")[0]
         assert flag in help_text, flag
