@@ -236,3 +236,24 @@ def test_seeded_sampling_and_logprobs_are_the_same_with_a_warm_prefix(layout):
     assert warm["s"].token_ids == cold["s"].token_ids
     np.testing.assert_allclose([lp.logprob for lp in warm["s"].logprobs], [lp.logprob for lp in cold["s"].logprobs],
                                atol=2e-4)
+
+
+def test_prompt_logprobs_in_chunks_while_rows_run_equal_transformers(layout):
+    """A scoring request (echo + logprobs) joining running rows is prefilled in chunks like any
+    prompt (its logprobs gathered chunk by chunk, no prefix reuse) instead of one long forward."""
+    gen, model = layout
+    text = PREFIX + SUFFIXES[1]
+    ids = gen.encode(text)
+    engine = gen.engine(max_prefill_tokens=8)
+    run(engine, [(0, "warm", PREFIX + SUFFIXES[0], dict(GREEDY, max_new_tokens=1))])  # cached blocks to ignore
+    hits = engine.prefix_cache.hits
+    finals, seen = run(engine, [(0, "busy", SHORT[0], dict(GREEDY, max_new_tokens=20, min_new_tokens=20)),
+                                (1, "score", text, dict(prompt_logprobs=2, max_new_tokens=1, do_sample=False))])
+    assert engine.prefix_cache.hits == hits  # not reused: every position's logits are needed
+    assert seen["score"][0] >= 1 + len(ids) // 8 - 1  # it took several steps: chunks
+    lps = finals["score"].prompt_logprobs
+    assert [lp.token_id for lp in lps] == ids[1:]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
+    np.testing.assert_allclose([lp.logprob for lp in lps], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
+    assert [[t for t, _ in lp.top] for lp in lps] == [list(np.argsort(-r, kind="stable")[:2]) for r in ref[:-1]]

@@ -59,8 +59,9 @@ class BatchDecoder(Protocol):
         row at a time (static: the slot above the running rows); opening another then drops
         an unjoined earlier one, which is what an aborted prefill needs."""
 
-    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
-        """Append `tokens` to a joining row; the last position's logits float32 [vocab]."""
+    def fill(self, row: JoiningRow, tokens: Sequence[int], every: bool = False) -> np.ndarray:
+        """Append `tokens` to a joining row; the last position's logits float32 [vocab], or
+        with `every` each new position's [len(tokens), vocab] (prompt log-probabilities)."""
 
     def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
         """A host copy of positions start..end-1 of a joining row's cache (for the prefix cache)."""

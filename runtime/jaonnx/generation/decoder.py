@@ -161,15 +161,15 @@ class ConcatBatchDecoder:
         kv = np.concatenate(list(prefix), axis=2)
         return JoiningRow(kv.shape[2], reserve, self.decoder.cache(kv[:, None]))
 
-    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+    def fill(self, row: JoiningRow, tokens: Sequence[int], every: bool = False) -> np.ndarray:
         k = len(tokens)
         total = row.length + k
         logits, row.cache = self.decoder.forward(
             np.array([tokens], dtype=np.int64), np.ones((1, total), dtype=np.int64),
-            np.arange(row.length, total, dtype=np.int64)[None], row.cache, keep=1,
+            np.arange(row.length, total, dtype=np.int64)[None], row.cache, keep=k if every else 1,
         )
         row.length = total
-        return logits[0, -1]
+        return logits[0] if every else logits[0, -1]
 
     def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
         return np.stack([value.numpy()[0, :, start:end] for value in row.cache])

@@ -247,7 +247,13 @@ class GenerationEngine:
             start = req.joining.length
             chunk = req.prompt_ids[start : start + budget]
             row = req.joining
-            logits = self.batch.fill(row, chunk)
+            scoring = req.settings.prompt_logprobs is not None
+            logits = self.batch.fill(row, chunk, every=scoring)
+            if scoring:  # position i of the chunk predicts prompt token start + i + 1
+                targets = req.prompt_ids[start + 1 : start + 1 + len(chunk)]
+                req.prompt_logprobs = (req.prompt_logprobs or []) + prompt_logprobs(
+                    logits[: len(targets)], targets, req.settings.prompt_logprobs or 0)
+                logits = logits[-1]
             budget -= len(chunk)
             self.prompt_tokens_computed += len(chunk)
             if self.prefix_cache is not None:  # block by block as chunks finish: no copy spike at the end
@@ -261,7 +267,8 @@ class GenerationEngine:
         their prompt's log-probabilities and a single token (scoring). One full-sequence
         forward gives both, outside the running batch, and they finish in this step."""
         done: list[_Request] = []
-        while self._waiting and _needs_no_cache(self._waiting[0]):
+        while self._waiting and not self._running and _needs_no_cache(self._waiting[0]):  # (with rows
+            # running, a long prompt's one forward would stall them: it is prefilled in chunks instead)
             req = self._waiting.popleft()
             logits = self.batch.logits(req.prompt_ids)  # ids past the tokenizer are masked there
             req.prompt_logprobs = prompt_logprobs(logits[:-1], req.prompt_ids[1:], req.settings.prompt_logprobs or 0)
@@ -269,17 +276,11 @@ class GenerationEngine:
             done.append(req)
         return done
 
-    def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
-        """Each prompt token after the first, scored given the ones before (vLLM's
-        `prompt_logprobs`), from one full-sequence forward that leaves the batch as it was."""
-        ids = req.prompt_ids
-        if len(ids) < 2:
-            return []
-        return prompt_logprobs(self.batch.logits(ids)[: len(ids) - 1], ids[1:], req.settings.prompt_logprobs or 0)
-
     def _open(self, req: _Request) -> JoiningRow:
         """A joining row for `req`, holding the longest cached prefix of its prompt."""
-        _, blocks = self.prefix_cache.lookup(req.prompt_ids) if self.prefix_cache else (0, [])
+        if self.prefix_cache is None or req.settings.prompt_logprobs is not None:
+            return self.batch.open(req.reserve)  # prompt logprobs need every position's logits
+        _, blocks = self.prefix_cache.lookup(req.prompt_ids)
         return self.batch.open(req.reserve, blocks)
 
     def _join(self, req: _Request, logits: np.ndarray) -> None:
@@ -287,8 +288,8 @@ class GenerationEngine:
         assert row is not None
         self.batch.join(row, req.rows)
         req.joining = None
-        if req.settings.prompt_logprobs is not None:
-            req.prompt_logprobs = self._prompt_logprobs(req)
+        if req.settings.prompt_logprobs is not None and req.prompt_logprobs is None:
+            req.prompt_logprobs = []  # a one-token prompt: nothing to score
         req.logits = np.repeat(logits[None], req.rows, axis=0)
         self._running.append(req)
 

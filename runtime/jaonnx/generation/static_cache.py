@@ -115,14 +115,14 @@ class StaticBatchDecoder:
         self._joining = row
         return row
 
-    def fill(self, row: JoiningRow, tokens: Sequence[int]) -> np.ndarray:
+    def fill(self, row: JoiningRow, tokens: Sequence[int], every: bool = False) -> np.ndarray:
         self._check_joining(row)
         k, total = len(tokens), row.length + len(tokens)
         self._ensure(self.rows + 1, total)
         logits = self._run(np.array([tokens], dtype=np.int64), np.arange(row.length, total, dtype=np.int64)[None],
-                           np.array([total - 1]), total, 1, first=self.rows)
+                           np.array([total - 1]), total, k if every else 1, first=self.rows)
         row.length = total
-        return logits[0, -1]
+        return logits[0] if every else logits[0, -1]
 
     def read(self, row: JoiningRow, start: int, end: int) -> np.ndarray:
         self._check_joining(row)
