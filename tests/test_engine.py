@@ -189,27 +189,44 @@ def test_logprobs_equal_transformers_log_softmax(gen_and_model):
         assert lp.top[0][0] == lp.token_id  # greedy picks the most likely
 
 
-def test_join_and_leave_cycles_keep_memory_bounded(gen):
-    """1,000 requests join and leave a running batch; RSS after the first 100 is the baseline."""
+def test_join_and_leave_cycles_keep_memory_bounded(gen, twins_dir):
+    """1,000 requests join and leave a running batch; RSS after the first 100 is the baseline,
+    and tracemalloc counts the Python objects still alive that were allocated after it. The
+    anchor that lived through the churn equals transformers alone; the engine ends empty."""
+    import tracemalloc
+
     engine = gen.engine(max_batch_size=4)
     engine.add_request(PROMPTS[2], request_id="anchor", do_sample=False, max_new_tokens=600)
     process = psutil.Process()
     baseline = 0
-    for i in range(1000):
-        engine.add_request(PROMPTS[i % 3], request_id=f"r{i}", do_sample=False, max_new_tokens=1 + i % 3)
-        engine.step()
-        if i % 7 == 0:
-            engine.abort_request(f"r{i}")
-        if i == 100:
-            gc.collect()
-            baseline = process.memory_info().rss
-        if not engine.has_unfinished_requests() or engine.num_running_rows == 0:
-            engine.add_request(PROMPTS[2], request_id=f"anchor{i}", do_sample=False, max_new_tokens=200)
-    while engine.has_unfinished_requests():
-        engine.step()
-    gc.collect()
+    finals: dict[str, RequestOutput] = {}
+    try:
+        for i in range(1000):
+            engine.add_request(PROMPTS[i % 3], request_id=f"r{i}", do_sample=False, max_new_tokens=1 + i % 3)
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+            if i % 7 == 0:
+                engine.abort_request(f"r{i}")
+            if i == 100:
+                gc.collect()
+                baseline = process.memory_info().rss
+                tracemalloc.start()
+            if not engine.has_unfinished_requests() or engine.num_running_rows == 0:
+                engine.add_request(PROMPTS[2], request_id=f"anchor{i}", do_sample=False, max_new_tokens=200)
+        while engine.has_unfinished_requests():
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        anchor = finals.pop("anchor")  # the one that saw every join and leave
+        finals.clear()
+        gc.collect()
+        python_grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    expected = hf_alone(hf_model(twins_dir / "gpt2-small-ja"), gen.encode(PROMPTS[2]), max_new_tokens=600)
+    assert anchor.token_ids == expected
     grown = process.memory_info().rss - baseline
     assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 join/leave cycles"
+    assert python_grown < 2 * 2**20, f"{python_grown / 2**20:.1f} MiB of Python objects outlived the churn"
+    assert not engine.has_unfinished_requests()
+    assert engine.num_running_rows == 0 and engine.num_waiting_requests == 0 and engine.batch.rows == 0
 
 
 @pytest.mark.parametrize(
