@@ -37,6 +37,9 @@ class TwinSpec:
     train_layers: int | None = None
     # Directory name when it differs from the recipe id (a second twin of one recipe).
     name: str | None = None
+    # Lines added (repeated) to the model's training text only, not the tokenizer's: a test
+    # prompts with a line's start and gets the rest back verbatim under greedy decoding.
+    memorize: tuple[str, ...] = ()
 
     @property
     def dirname(self) -> str:
@@ -87,7 +90,7 @@ def _gpt2_tiny_config(vocab: int, ids: dict[str, int]) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=vocab, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=2,
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
     )
 
@@ -183,7 +186,14 @@ TWINS: dict[str, TwinSpec] = {
 # Twins that no real model has, for tests only (not built by `jaonnx twins`):
 # "gpt2-bytes" is gpt2-small-ja's recipe with a byte-fallback sentencepiece model whose
 # rare characters are <0xNN> byte pieces, so a generated character can span several tokens
-# and the streaming detokenizer's hold-back for incomplete characters actually runs.
+# and the streaming detokenizer's hold-back for incomplete characters actually runs. Its
+# model memorizes BYTE_LINES, whose characters are not in the corpus (3- and 4-byte UTF-8),
+# so greedy decoding writes them out byte by byte, deterministically.
+BYTE_LINES = (
+    "今日の夕食は🍣と鱚の天ぷらで、𠮷野さんも来た。",
+    "鰯と鯖と鱚を🐟の市場で買った。",
+)
+
 TEST_TWINS: dict[str, TwinSpec] = {
     "gpt2-bytes": TwinSpec(
         recipe="gpt2-small-ja",
@@ -193,7 +203,8 @@ TEST_TWINS: dict[str, TwinSpec] = {
         vocab_size=1600,
         config=_gpt2_tiny_config,
         objective="clm",
-        steps=300,
+        steps=400,
+        memorize=BYTE_LINES,
         tokenizer_config=TWINS["gpt2-small-ja"].tokenizer_config,
     ),
 }
@@ -285,6 +296,8 @@ def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
     config.architectures = [recipe.architecture]
     model_class = getattr(transformers, recipe.architecture)
     ids = _encode_all(sp_model, lines)
+    if spec.memorize:  # about half as many tokens as the corpus itself
+        ids += _encode_all(sp_model, list(spec.memorize)) * (len(lines) // len(spec.memorize) // 3)
     spec = spec if steps is None else _with_steps(spec, steps)
     if spec.train_layers:
         shallow = model_class(_with_layers(config, spec.train_layers))
