@@ -314,9 +314,28 @@ def test_ids_past_the_tokenizer_are_never_generated(twins_dir, tmp_path):
     assert all(t < size for r in sampled for t in r.generated_ids)
     engine = gen.engine()
     engine.add_request(PROMPTS[1], request_id="lp", logprobs=5, do_sample=False, max_new_tokens=4)
-    tops = [lp for out in drain_outputs(engine) for lp in (out.logprobs or [])]
+    outs = drain_outputs(engine)
+    tops = [lp for out in outs for lp in (out.logprobs or [])]
     assert tops and all(t < size for lp in tops for t, _ in lp.top)
-    assert np.isfinite(gen.score(PROMPTS[1]).log_likelihood)
+    # Values: transformers' log-softmax over the ids the tokenizer has (the padded ids are
+    # not in the distribution at all, not merely never picked).
+    generated = outs[-1].token_ids
+    ids = prompt_ids + generated
+    with torch.no_grad():
+        known = torch.log_softmax(model(torch.tensor([ids])).logits[0, :, :size].double(), -1).numpy()
+    start = len(prompt_ids) - 1
+    assert [lp.token_id for lp in tops] == generated
+    for j, lp in enumerate(tops):
+        row = known[start + j]
+        assert lp.token_id == int(row.argmax())  # greedy over the tokenizer's ids
+        assert lp.logprob == pytest.approx(row[lp.token_id], abs=1e-4)
+        for t, value in lp.top:
+            assert value == pytest.approx(row[t], abs=1e-4)
+        assert [t for t, _ in lp.top] == list(np.argsort(-row, kind="stable")[:5])
+    scored = gen.score(PROMPTS[1])
+    expected = known[np.arange(len(prompt_ids) - 1), prompt_ids[1:]]
+    np.testing.assert_allclose(scored.token_logprobs, expected, atol=1e-4)
+    assert scored.log_likelihood == pytest.approx(float(expected.sum()), abs=1e-3)
 
 
 def hf_tokenized(twin, text: str) -> list[int]:
