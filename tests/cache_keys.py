@@ -74,7 +74,7 @@ def _exporter_code_hash() -> str:
     the runtime modules whose definitions land in an artifact."""
     runtime, export = _packages()
     files = [p for p in sorted(export.iterdir()) if p.name != "twins"]
-    files += [runtime / "artifact.py", runtime / "recipes.py", runtime / "tokenization", runtime / "generation" / "kv_ops"]
+    files += [runtime / "artifact.py", runtime / "recipes.py", runtime / "tokenization"]
     return hash_files(files)
 
 

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 import cache_keys
@@ -260,6 +259,7 @@ def test_keys_never_reach_stdout_or_stderr(artifacts):
     with the right key, a wrong key and none: neither key appears on stdout or stderr."""
     _auth_module()
     from serving_support import free_port
+    import httpx
 
     port, cli_key, env_key, wrong = free_port(), "cli-key-7f3a9c", "env-key-b41d22", "wrong-key-0e5f"
     env = {**os.environ, "JAONNX_API_KEY": env_key}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
 import pytest
 from conftest import ensure_twin, export_via_cli
 
@@ -163,6 +162,7 @@ def test_streamed_equals_non_streamed_over_http(artifact: Path, gen):
     from serving_support import need, running_server, sse_events
 
     need("fastapi", "serve")
+    import httpx
     with running_server([artifact], max_batch_size=4, max_wait_ms=5, request_timeout=60) as (url, _app), \
             httpx.Client(base_url=url, timeout=60) as client:
         (model,) = [m["id"] for m in client.get("/v1/models").json()["data"]]
