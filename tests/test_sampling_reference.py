@@ -123,16 +123,38 @@ def test_top_p_boundary_token(side):
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("settings", [dict(top_k=5), dict(top_p=0.5), dict(top_k=7, top_p=0.6)])
-def test_ties_at_the_cut(settings):
-    """Equal logits at the top-k / top-p cut: transformers keeps every tie of the k-th for
-    top-k; both must agree on which ids survive."""
+def tied_logits() -> np.ndarray:
+    """Four distinct leaders (6, 5, 4, 3) over a plateau of 24 equal logits (2.0)."""
     logits = np.array([3.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 2.0, 2.0, -1.0] * 4, dtype=np.float32)
-    logits[::10] += np.arange(4, dtype=np.float32)  # four distinct leaders, then a tied plateau
+    logits[::10] += np.arange(4, dtype=np.float32)
+    return logits
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=5), dict(top_k=7), dict(top_k=7, top_p=0.6), dict(top_p=0.5)])
+def test_ties_at_the_top_k_cut_all_survive(settings):
+    """transformers keeps every logit equal to the k-th (here the whole plateau)."""
     s = SamplingSettings(max_new_tokens=1, do_sample=True, **settings)
-    ref, ours = reference_probs(logits, [], s), our_probs(logits, [], s)
+    ref, ours = reference_probs(tied_logits(), [], s), our_probs(tied_logits(), [], s)
     np.testing.assert_array_equal(np.flatnonzero(ours), np.flatnonzero(ref))
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("top_p", [0.8, 0.85, 0.9])
+def test_ties_at_the_top_p_cut(top_p):
+    """The top_p cut inside the plateau: as many equal ids survive, with the same
+    probabilities. Which of the equal ids survive is not defined by transformers (it sorts
+    with torch.sort, which is not stable); jaonnx's stable sort keeps the highest ids."""
+    s = SamplingSettings(max_new_tokens=1, do_sample=True, top_p=top_p)
+    logits = tied_logits()
+    ref, ours = reference_probs(logits, [], s), our_probs(logits, [], s)
+    plateau = logits == 2.0
+    kept = np.count_nonzero(ref[plateau])
+    assert 0 < kept < plateau.sum()  # the cut is inside the plateau
+    assert np.count_nonzero(ours[plateau]) == kept
+    np.testing.assert_array_equal(np.flatnonzero(ours[~plateau]), np.flatnonzero(ref[~plateau]))
+    np.testing.assert_allclose(np.sort(ours), np.sort(ref), rtol=1e-5, atol=1e-7)
+    tied_kept = np.flatnonzero(plateau & (ours > 0))
+    assert list(tied_kept) == list(np.flatnonzero(plateau)[-kept:])  # the documented choice
 
 
 @pytest.mark.parametrize("case", ["all four", "top_p", "cold, penalty first"])
