@@ -1,5 +1,7 @@
 """Shared fixtures: the five twins are built once per session and exported through the
-`jaonnx export` command. Set JAONNX_TEST_CACHE=DIR to reuse them across runs while developing."""
+`jaonnx export` command. Set JAONNX_TEST_CACHE=DIR to reuse them across runs while developing:
+each twin and artifact there is keyed by the code that made it (see cache_keys.py) and is
+rebuilt when that code changed, never reused stale."""
 
 from __future__ import annotations
 
@@ -28,13 +30,33 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def twins_dir(cache_dir: Path) -> Path:
-    from jaonnx_export.twins import TWINS, build_twins
+    from jaonnx_export.twins import TWINS
 
-    root = cache_dir / "twins"
-    missing = [r for r in TWINS if not (root / r / "config.json").is_file()]
-    if missing:
-        build_twins(root, missing)
+    root = cache_dir / "twins"  # may be a symlink to a shared cache: written through, kept
+    for name in TWINS:
+        ensure_twin(root, name)
     return root
+
+
+@pytest.fixture(scope="session")
+def test_twins_dir(cache_dir: Path) -> Path:
+    """Where the test-only twins (jaonnx_export.twins.TEST_TWINS) are built on demand."""
+    return cache_dir / "test-twins"
+
+
+def ensure_twin(root: Path, name: str) -> Path:
+    """`root/name`, (re)built unless it was built by today's twin builder."""
+    from cache_keys import is_fresh, locked, stamp, twin_key, unstamp
+    from jaonnx_export.twins import build_twins
+
+    twin, key = root / name, twin_key(name)
+    if not is_fresh(twin, key, "config.json"):
+        with locked(twin):
+            if not is_fresh(twin, key, "config.json"):  # another session may have just built it
+                unstamp(twin)
+                build_twins(root, [name])
+                stamp(twin, key)
+    return twin
 
 
 def run_cli(*args: str) -> "object":
@@ -46,19 +68,30 @@ def run_cli(*args: str) -> "object":
 
 
 def export_via_cli(src: Path, out: Path, *extra: str) -> Path:
-    """`jaonnx export SRC -o OUT EXTRA...`, into a scratch directory renamed into place, so
-    concurrent test sessions sharing JAONNX_TEST_CACHE never see half an artifact."""
+    """`jaonnx export SRC -o OUT EXTRA...`, unless OUT was exported from these very checkpoint
+    bytes, with these flags, by today's exporter. Into a scratch directory renamed into place
+    under a lock, so concurrent test sessions sharing JAONNX_TEST_CACHE never see half an
+    artifact nor export it twice."""
     import shutil
     import tempfile
 
-    if not (out / "jaonnx.json").is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        result = run_cli("export", str(src), "-o", str(scratch), *extra)
-        assert result.exit_code == 0, result.output
-        if out.exists():
-            shutil.rmtree(out)
-        scratch.rename(out)
+    from cache_keys import artifact_key, is_fresh, locked, stamp, unstamp
+
+    key = artifact_key(src, extra)
+    if is_fresh(out, key, "jaonnx.json"):
+        return out
+    with locked(out):
+        if not is_fresh(out, key, "jaonnx.json"):
+            unstamp(out)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+            result = run_cli("export", str(src), "-o", str(scratch), *extra)
+            if result.exit_code != 0:
+                shutil.rmtree(scratch, ignore_errors=True)
+            assert result.exit_code == 0, result.output
+            if out.exists():
+                shutil.rmtree(out)
+            scratch.rename(out)
+            stamp(out, key)
     return out
 
 

@@ -173,10 +173,32 @@ MANIFEST_FIELDS = ["recipe", "task", "model_file", "tokenizer_file", "special_id
                    "format_version", "quantization"]
 
 
+FUZZED = ("rinna-roberta", "gpt2-small-ja", "ken11-albert")  # spiece.model x2, tokenizer.json
+
+
 @pytest.fixture(scope="module")
 def workspace(artifacts, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    return {name: copy(artifacts[name], root, name) for name in ("rinna-roberta", "gpt2-small-ja")}
+    return {name: copy(artifacts[name], root, name) for name in FUZZED}
+
+
+@st.composite
+def corrupt_bytes(draw, kinds=("truncate", "garbage", "flip")):
+    """A function that spoils a file's bytes: cut short, replaced, or a window inverted."""
+    kind = draw(st.sampled_from(kinds))
+    fraction = draw(st.floats(0, 1))
+    width = draw(st.integers(1, 512))
+    garbage = draw(st.binary(max_size=64))
+
+    def spoil(data: bytes) -> bytes:
+        at = int(len(data) * fraction)
+        if kind == "truncate":
+            return data[:at]
+        if kind == "garbage":
+            return garbage
+        return data[:at] + bytes(b ^ 0xFF for b in data[at : at + width]) + data[at + width :]
+
+    return spoil
 
 
 def _call_everything(model, text: str) -> None:
@@ -190,24 +212,28 @@ def _call_everything(model, text: str) -> None:
         model.score(text)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=90, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
-    name=st.sampled_from(["rinna-roberta", "gpt2-small-ja"]),
+    name=st.sampled_from(FUZZED),
     field=st.sampled_from(MANIFEST_FIELDS),
     value=JSON_VALUES,
-    tokenizer_bytes=st.none() | st.binary(max_size=64),
+    tokenizer_bytes=st.none() | st.binary(max_size=64) | corrupt_bytes(),
+    model_bytes=st.none() | corrupt_bytes(),
     text=ODD_TEXT,
 )
-def test_only_jaonnx_errors_ever_escape(workspace, artifacts, name, field, value, tokenizer_bytes, text):
+def test_only_jaonnx_errors_ever_escape(workspace, artifacts, name, field, value, tokenizer_bytes, model_bytes, text):
     directory = workspace[name]
     original = artifacts[name]
     manifest = json.loads((original / MANIFEST_NAME).read_text(encoding="utf-8"))
-    tokenizer_file = manifest["tokenizer_file"]
+    tokenizer_file, model_file = manifest["tokenizer_file"], manifest["model_file"]
     (directory / MANIFEST_NAME).write_text(json.dumps({**manifest, field: value}), encoding="utf-8")
-    if tokenizer_bytes is None:
-        shutil.copyfile(original / tokenizer_file, directory / tokenizer_file)
-    else:
-        (directory / tokenizer_file).write_bytes(tokenizer_bytes)
+    for file, spoil in ((tokenizer_file, tokenizer_bytes), (model_file, model_bytes)):
+        data = (original / file).read_bytes()
+        if callable(spoil):
+            data = spoil(data)
+        elif spoil is not None:
+            data = spoil
+        (directory / file).write_bytes(data)
     try:
         model = jaonnx.load(directory, providers="cpu")
         _call_everything(model, text)

@@ -189,27 +189,49 @@ def test_logprobs_equal_transformers_log_softmax(gen_and_model):
         assert lp.top[0][0] == lp.token_id  # greedy picks the most likely
 
 
-def test_join_and_leave_cycles_keep_memory_bounded(gen):
-    """1,000 requests join and leave a running batch; RSS after the first 100 is the baseline."""
+def test_join_and_leave_cycles_keep_memory_bounded(gen, twins_dir):
+    """1,000 requests join and leave a running batch; RSS after the first 100 is the baseline,
+    and tracemalloc counts the Python objects still alive that were allocated after it. The
+    anchor that lived through the churn equals transformers alone; the engine ends empty."""
+    import tracemalloc
+
     engine = gen.engine(max_batch_size=4)
     engine.add_request(PROMPTS[2], request_id="anchor", do_sample=False, max_new_tokens=600)
     process = psutil.Process()
     baseline = 0
-    for i in range(1000):
-        engine.add_request(PROMPTS[i % 3], request_id=f"r{i}", do_sample=False, max_new_tokens=1 + i % 3)
-        engine.step()
-        if i % 7 == 0:
-            engine.abort_request(f"r{i}")
-        if i == 100:
-            gc.collect()
-            baseline = process.memory_info().rss
-        if not engine.has_unfinished_requests() or engine.num_running_rows == 0:
-            engine.add_request(PROMPTS[2], request_id=f"anchor{i}", do_sample=False, max_new_tokens=200)
-    while engine.has_unfinished_requests():
-        engine.step()
-    gc.collect()
-    grown = process.memory_info().rss - baseline
+    finals: dict[str, RequestOutput] = {}
+    try:
+        for i in range(1000):
+            engine.add_request(PROMPTS[i % 3], request_id=f"r{i}", do_sample=False, max_new_tokens=1 + i % 3)
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+            if i % 7 == 0:
+                engine.abort_request(f"r{i}")
+            if i == 100:
+                gc.collect()
+                baseline = process.memory_info().rss
+                tracemalloc.start()
+            if not engine.has_unfinished_requests() or engine.num_running_rows == 0:
+                engine.add_request(PROMPTS[2], request_id=f"anchor{i}", do_sample=False, max_new_tokens=200)
+        while engine.has_unfinished_requests():
+            finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        anchor = finals.pop("anchor")  # the one that saw every join and leave
+        finals.clear()
+        gc.collect()
+        python_grown, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    grown = process.memory_info().rss - baseline  # before transformers loads anything
     assert grown < 64 * 2**20, f"RSS grew {grown / 2**20:.1f} MiB over 900 join/leave cycles"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 600 tiny steps: one thread is 19x faster than two on a busy machine
+    try:
+        expected = hf_alone(hf_model(twins_dir / "gpt2-small-ja"), gen.encode(PROMPTS[2]), max_new_tokens=600)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(anchor.token_ids) == 600 and anchor.token_ids == expected
+    assert python_grown < 2 * 2**20, f"{python_grown / 2**20:.1f} MiB of Python objects outlived the churn"
+    assert not engine.has_unfinished_requests()
+    assert engine.num_running_rows == 0 and engine.num_waiting_requests == 0 and engine.batch.rows == 0
 
 
 @pytest.mark.parametrize(
@@ -297,9 +319,28 @@ def test_ids_past_the_tokenizer_are_never_generated(twins_dir, tmp_path):
     assert all(t < size for r in sampled for t in r.generated_ids)
     engine = gen.engine()
     engine.add_request(PROMPTS[1], request_id="lp", logprobs=5, do_sample=False, max_new_tokens=4)
-    tops = [lp for out in drain_outputs(engine) for lp in (out.logprobs or [])]
+    outs = drain_outputs(engine)
+    tops = [lp for out in outs for lp in (out.logprobs or [])]
     assert tops and all(t < size for lp in tops for t, _ in lp.top)
-    assert np.isfinite(gen.score(PROMPTS[1]).log_likelihood)
+    # Values: transformers' log-softmax over the ids the tokenizer has (the padded ids are
+    # not in the distribution at all, not merely never picked).
+    generated = outs[-1].token_ids
+    ids = prompt_ids + generated
+    with torch.no_grad():
+        known = torch.log_softmax(model(torch.tensor([ids])).logits[0, :, :size].double(), -1).numpy()
+    start = len(prompt_ids) - 1
+    assert [lp.token_id for lp in tops] == generated
+    for j, lp in enumerate(tops):
+        row = known[start + j]
+        assert lp.token_id == int(row.argmax())  # greedy over the tokenizer's ids
+        assert lp.logprob == pytest.approx(row[lp.token_id], abs=1e-4)
+        for t, value in lp.top:
+            assert value == pytest.approx(row[t], abs=1e-4)
+        assert [t for t, _ in lp.top] == list(np.argsort(-row, kind="stable")[:5])
+    scored = gen.score(PROMPTS[1])
+    expected = known[np.arange(len(prompt_ids) - 1), prompt_ids[1:]]
+    np.testing.assert_allclose(scored.token_logprobs, expected, atol=1e-4)
+    assert scored.log_likelihood == pytest.approx(float(expected.sum()), abs=1e-3)
 
 
 def hf_tokenized(twin, text: str) -> list[int]:

@@ -25,7 +25,13 @@ NUMERIC = [o for o in GENERATION_OPTIONS if o.type in (int, float)]
 
 
 def test_the_table_is_the_settings_fields() -> None:
-    assert [o.name for o in GENERATION_OPTIONS] == [f.name for f in fields(SamplingSettings)]
+    """Every settings field with option metadata, then the constraint spellings, which resolve
+    into the one `constraint` field (a result, not an option)."""
+    from jaonnx.generation.constraints import CONSTRAINT_OPTIONS
+
+    settable = [f.name for f in fields(SamplingSettings) if f.metadata.get("option")]
+    assert [o.name for o in GENERATION_OPTIONS] == settable + list(CONSTRAINT_OPTIONS)
+    assert "constraint" not in OPTION_NAMES
     http = {o.name for o in GENERATION_OPTIONS if o.http}
     assert http <= set(GenerateRequest.model_fields) and "prompt_logprobs" in http
 

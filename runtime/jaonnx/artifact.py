@@ -21,6 +21,9 @@ KV_LAYOUTS = ("concat", "static")  # decoder.kv_layout: how the graph holds its 
 # 2: the resolved recipe is recorded (`recipe_spec`), plus `tokenizer_size` and `checks`.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
+# Sizes past these are corruption, not a model: 4x the largest vocabularies and contexts in
+# use, so a manifest value that loads cannot make the runtime allocate absurd buffers.
+SIZE_LIMITS = {"vocab_size": 2**20, "tokenizer_size": 2**20, "max_positions": 2**21}
 
 
 @dataclass
@@ -95,6 +98,9 @@ class Manifest:
         bad = [name for name, value in sizes.items() if value < 1]
         if bad:
             raise FieldError(f"manifest.{bad[0]} must be positive")
+        absurd = [name for name, value in sizes.items() if value > SIZE_LIMITS.get(name.split(".")[-1], 2**16)]
+        if absurd:
+            raise FieldError(f"manifest.{absurd[0]} is {sizes[absurd[0]]}, past any model this reads")
         if manifest.decoder is not None and manifest.decoder.kv_layout not in KV_LAYOUTS:
             raise FieldError(f"manifest.decoder.kv_layout must be one of {', '.join(KV_LAYOUTS)}, "
                              f"not {manifest.decoder.kv_layout!r}: upgrade jaonnx or re-export")

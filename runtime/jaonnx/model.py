@@ -27,13 +27,30 @@ class ArtifactModel:
         self.pad_id = manifest.special_ids.get("pad", 0)
 
     def _check_graph(self) -> None:
-        """The graph's inputs and outputs must be the ones the manifest lists."""
+        """The graph's inputs and outputs must be the ones the manifest lists, and its fixed
+        dimensions the sizes it records: a manifest value that loads but is wrong would
+        otherwise fail deep in ONNX Runtime, or silently mask the wrong logits."""
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if (sorted(names[0]), sorted(names[1])) != (sorted(self.manifest.inputs), sorted(self.manifest.outputs)):
             raise JaonnxError(
                 f"{self.directory / self.manifest.model_file} does not have the inputs and outputs "
                 f"{self.directory / 'jaonnx.json'} lists: re-run `jaonnx export`"
             )
+        shapes = {o.name: o.shape for o in self.session.get_outputs()}
+        m = self.manifest
+        expected = {"vocab_size": (shapes.get("logits", [None])[-1], m.vocab_size)}
+        if m.decoder is not None:
+            present = [shapes[n] for n in shapes if n.startswith("present.")]
+            expected["decoder.num_layers"] = (len(present) // 2, m.decoder.num_layers)
+            if present and len(present[0]) == 4:
+                expected["decoder.num_heads"] = (present[0][1], m.decoder.num_heads)
+                expected["decoder.head_dim"] = (present[0][3], m.decoder.head_dim)
+        for field, (graph, recorded) in expected.items():
+            if isinstance(graph, int) and graph != recorded:
+                raise JaonnxError(
+                    f"manifest.{field} is {recorded} but {m.model_file} has {graph}: the artifact is corrupt, "
+                    "re-run `jaonnx export`", field,
+                )
 
     def _check_tokenizer(self) -> None:
         """The tokenizer file must be the one the manifest describes (ids in range, same size)."""

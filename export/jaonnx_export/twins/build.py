@@ -35,6 +35,15 @@ class TwinSpec:
     steps: int = 200
     # Train this many layers, then spread them over the configured depth (see `_deepen`).
     train_layers: int | None = None
+    # Directory name when it differs from the recipe id (a second twin of one recipe).
+    name: str | None = None
+    # Lines added (repeated) to the model's training text only, not the tokenizer's: a test
+    # prompts with a line's start and gets the rest back verbatim under greedy decoding.
+    memorize: tuple[str, ...] = ()
+
+    @property
+    def dirname(self) -> str:
+        return self.name or self.recipe
 
 
 def _rinna_roberta_config(vocab: int, ids: dict[str, int]) -> Any:
@@ -73,6 +82,15 @@ def _gpt_1b_config(vocab: int, ids: dict[str, int]) -> Any:
     # n_inner/n_embd ratio at 1/32 of the width.
     return GPT2Config(
         vocab_size=vocab, n_positions=1024, n_embd=64, n_layer=24, n_head=16, n_inner=256,
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+    )
+
+
+def _gpt2_tiny_config(vocab: int, ids: dict[str, int]) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab, n_positions=256, n_embd=64, n_layer=2, n_head=2,
         bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
     )
 
@@ -165,6 +183,38 @@ TWINS: dict[str, TwinSpec] = {
 }
 
 
+# Twins that no real model has, for tests only (not built by `jaonnx twins`):
+# "gpt2-bytes" is gpt2-small-ja's recipe with a byte-fallback sentencepiece model whose
+# rare characters are <0xNN> byte pieces, so a generated character can span several tokens
+# and the streaming detokenizer's hold-back for incomplete characters actually runs. Its
+# model memorizes BYTE_LINES, whose characters are not in the corpus (3- and 4-byte UTF-8),
+# so greedy decoding writes them out byte by byte, deterministically.
+BYTE_LINES = (
+    "今日の夕食は🍣と鱚の天ぷらで、𠮷野さんも来た。",
+    "鰯と鯖と鱚を🐟の市場で買った。",
+)
+
+TEST_TWINS: dict[str, TwinSpec] = {
+    "gpt2-bytes": TwinSpec(
+        recipe="gpt2-small-ja",
+        name="gpt2-bytes",
+        layout=SpmLayout(unk=("<unk>", 1), bos=("<s>", 2), eos=("</s>", 3), pad=("<pad>", 0),
+                         byte_fallback=True, character_coverage=0.98),
+        vocab_size=1600,
+        config=_gpt2_tiny_config,
+        objective="clm",
+        steps=400,
+        memorize=BYTE_LINES,
+        tokenizer_config=TWINS["gpt2-small-ja"].tokenizer_config,
+    ),
+}
+
+
+def twin_spec(name: str) -> TwinSpec:
+    """The spec of a twin by directory name: one of the five recipes' twins or a test twin."""
+    return TWINS[name] if name in TWINS else TEST_TWINS[name]
+
+
 def _piece_ids(model: bytes) -> dict[str, int]:
     import sentencepiece as spm
 
@@ -205,16 +255,17 @@ def _train(model: Any, ids: list[list[int]], spec: TwinSpec, special: dict[str, 
 
 
 def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
-    """Build one twin into `out_dir/<recipe id>` and return that directory."""
+    """Build one twin (a recipe id, or a TEST_TWINS name) into `out_dir/<name>` and return
+    that directory."""
     import torch
     import transformers
 
-    spec = TWINS[recipe_id]
-    recipe = get_recipe(recipe_id)
-    final = Path(out_dir) / recipe_id
+    spec = twin_spec(recipe_id)
+    recipe = get_recipe(spec.recipe)
+    final = Path(out_dir) / spec.dirname
     final.parent.mkdir(parents=True, exist_ok=True)
     # Build in a scratch directory and rename at the end: a reader never sees half a twin.
-    target = Path(tempfile.mkdtemp(prefix=f".{recipe_id}-", dir=final.parent))
+    target = Path(tempfile.mkdtemp(prefix=f".{spec.dirname}-", dir=final.parent))
 
     lines = train_lines()
     if spec.fullwidth_corpus:
@@ -245,6 +296,8 @@ def build_twin(recipe_id: str, out_dir: Path, steps: int | None = None) -> Path:
     config.architectures = [recipe.architecture]
     model_class = getattr(transformers, recipe.architecture)
     ids = _encode_all(sp_model, lines)
+    if spec.memorize:  # about half as many tokens as the corpus itself
+        ids += _encode_all(sp_model, list(spec.memorize)) * (len(lines) // len(spec.memorize) // 3)
     spec = spec if steps is None else _with_steps(spec, steps)
     if spec.train_layers:
         shallow = model_class(_with_layers(config, spec.train_layers))

@@ -19,6 +19,10 @@ class SpmLayout:
     pad: tuple[str, int] | None
     user_symbols: tuple[str, ...] = ()
     normalization: str = "nmt_nfkc"
+    # A character seen too rarely to get a piece of its own: <unk> (False, the real models'
+    # tokenizers) or its UTF-8 bytes as <0xNN> pieces (True: rinna's newer models do this).
+    byte_fallback: bool = False
+    character_coverage: float = 1.0
 
 
 def train_spm(lines: list[str], layout: SpmLayout, vocab_size: int) -> bytes:
@@ -37,11 +41,12 @@ def train_spm(lines: list[str], layout: SpmLayout, vocab_size: int) -> bytes:
         model_type="unigram",
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        character_coverage=1.0,
+        character_coverage=layout.character_coverage,
         num_threads=1,
         normalization_rule_name=layout.normalization,
         user_defined_symbols=list(layout.user_symbols),
         minloglevel=2,
+        **({"byte_fallback": True} if layout.byte_fallback else {}),
         **slot("unk", layout.unk),
         **slot("bos", layout.bos),
         **slot("eos", layout.eos),

@@ -124,14 +124,13 @@ class OutputProcessor:
             cut = min((i for i in (text.find(s, look) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 text = text[:cut]
-                if not seq.done:
-                    seq.finish_reason = "stop"
+                seq.finish_reason = "stop"  # also when the last token allowed completed the stop
         seq.text = text
         if seq.done:
             ready = text
         else:
             hold = max(map(len, stops), default=1) - 1  # a stop string may be starting
-            ready = text[: len(text) - hold] if hold else text
+            ready = text[: max(0, len(text) - hold)]
         if not ready.startswith(seq.emitted) or len(ready) <= len(seq.emitted):
             return ""
         piece, seq.emitted = ready[len(seq.emitted) :], ready
