@@ -156,6 +156,7 @@ def export(
             inputs=inputs, outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
             decoder=decoder_shape, versions=_versions(), recipe_spec=recipe,
             tokenizer_size=backend.vocab_size, checks=checks,
+            batch_invariant=True,  # fp32; a conversion records its own (precision.convert)
         )
 
         step("computing PyTorch reference logits")

@@ -2,8 +2,8 @@
 
 It quantizes (int8 / int4) or converts (fp16) as asked, tries ORT's offline fusions and keeps
 them only where interleaved timing shows them faster (the default), and gates the result on a
-quality report against the fp32 PyTorch model. The pieces live in quantize.py, optimize.py
-and quality.py; this module only orders them.
+quality report against the fp32 PyTorch model. The pieces live in quantize.py, fp16.py,
+optimize.py and quality.py; this module only orders them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from jaonnx.errors import JaonnxError
 from . import optimize as optimizer
 from . import quality
 from . import quantize as rewrite
+from .fp16 import convert_fp16
+from .graph_info import io_dtypes, node_counts
 from .quality import MIN_TOP1_AGREEMENT  # noqa: F401  (re-exported for callers)
 
 QUALITY_TEXTS = quality.QUALITY_TEXTS  # held-out sentences in the report (benchmarks lower it)
@@ -67,7 +69,7 @@ def _convert_one(path: Path, target: Path, manifest: Manifest, options: Options,
     if options.quantize == "int4":
         return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block)
     if options.dtype == "fp16":
-        return rewrite.convert_fp16(path, target, data_file)
+        return convert_fp16(path, target, data_file)
     return {}
 
 
@@ -137,13 +139,15 @@ def convert(config: Any, reference: Any, out: Path, manifest: Manifest, options:
             chosen = next(n for n in finals if n != "plain")
         if optimization:
             optimization |= {"applied": chosen != "plain", "chosen": chosen,
-                             "nodes_before": rewrite.node_counts(finals["plain"]),
-                             "nodes_after": rewrite.node_counts(finals[chosen])}
+                             "nodes_before": node_counts(finals["plain"]),
+                             "nodes_after": node_counts(finals[chosen])}
             report["optimization"] = optimization
         manifest.external_data = _move_into(out, finals[chosen], model_file, data_file)
-    manifest.inputs, manifest.outputs = rewrite.io_dtypes(out / model_file)
+    manifest.inputs, manifest.outputs = io_dtypes(out / model_file)
     manifest.dtype = options.dtype
     manifest.quantization = options.quantize
+    # fp32/fp16 graphs have no activation quantization; int8/int4 say what their kernels are.
+    manifest.batch_invariant = bool(report.get("conversion", {}).get("batch_invariant", True))
     step(f"checking {name} quality against PyTorch on held-out text")
     report |= quality.quality_report(out, manifest, reference)
     step(quality.describe(report))

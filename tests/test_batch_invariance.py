@@ -1,0 +1,143 @@
+"""Batch invariance at every precision (issue 15 item 0): a request's greedy tokens are the
+same alone and in a crowd. Eight prompts of different lengths, on fp32, int8 and int4 and on
+both KV layouts, give identical ids solo (`generate`), all together in one engine batch,
+joining a running batch one by one, and under prompt lookup. The ids are also checked to be
+non-degenerate, so a broken model cannot pass by repeating one token everywhere.
+
+Per-tensor activation quantization (`DynamicQuantizeMatMul`, one scale for the whole batch)
+fails these tests; per-row quantization passes them by construction: each row's integer
+products are exact and its scale is its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from quantized_artifacts import export
+
+import jaonnx
+from jaonnx.artifact import Manifest
+
+LAYOUTS = ["static", "concat"]
+PRECISIONS = ["fp32", "int8", "int4"]
+NEW = 12
+GREEDY = dict(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
+
+
+@pytest.fixture(scope="module", params=[(p, layout) for p in PRECISIONS for layout in LAYOUTS],
+                ids=lambda v: f"{v[0]}-{v[1]}")
+def case(request, twins_dir: Path, cache_dir: Path):
+    precision, layout = request.param
+    gen = jaonnx.load(export(twins_dir, cache_dir, precision, layout), providers="cpu")
+    assert gen.manifest.decoder.kv_layout == layout  # coverage of both layouts cannot vanish
+    assert gen.manifest.quantization == (None if precision == "fp32" else precision)
+    return gen
+
+
+@pytest.fixture(scope="module")
+def texts(case) -> list[str]:
+    """Eight prompts of eight different token lengths (a few to ~60 tokens) from held-out text."""
+    from jaonnx_export.twins import heldout_lines
+
+    joined = "".join(heldout_lines()[:40])
+    out = [joined[i * 11 : i * 11 + n] for i, n in enumerate((4, 8, 14, 22, 34, 50, 72, 100))]
+    assert len({len(case.encode(t)) for t in out}) == 8
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(case, texts) -> list[list[int]]:
+    return [case.encode(t) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def solo(case, texts) -> list[list[int]]:
+    """Each prompt's greedy ids generated alone."""
+    out = [case.generate(t, return_ids=True, **GREEDY).generated_ids for t in texts]
+    assert len({t for row in out for t in row}) >= 12, "degenerate twin output could hide a difference"
+    return out
+
+
+def _drain(engine, joins: dict[int, list[tuple[str, list[int], dict]]]) -> dict[str, list[int]]:
+    """Step until done, adding `joins[step]` before that step; request id -> generated ids."""
+    joins = dict(joins)
+    finals: dict[str, list[int]] = {}
+    step = 0
+    while engine.has_unfinished_requests() or joins:
+        for rid, ids, options in joins.pop(step, []):
+            engine.add_request(ids, request_id=rid, **options)
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.token_ids
+        step += 1
+    return finals
+
+
+def test_one_batch_equals_solo(case, prompts, solo) -> None:
+    engine = case.engine(max_batch_size=8)
+    finals = _drain(engine, {0: [(str(i), p, GREEDY) for i, p in enumerate(prompts)]})
+    assert [finals[str(i)] for i in range(8)] == solo
+
+
+def test_joining_a_running_batch_equals_solo(case, prompts, solo) -> None:
+    """Prompt i joins at step 2i: every prefill meets rows already decoding."""
+    engine = case.engine(max_batch_size=8)
+    order = [7, 0, 5, 2, 6, 1, 4, 3]  # long and short prompts interleaved
+    joins = {2 * k: [(str(i), prompts[i], GREEDY)] for k, i in enumerate(order)}
+    finals = _drain(engine, joins)
+    assert [finals[str(i)] for i in range(8)] == solo
+
+
+def test_prompt_lookup_equals_plain_greedy(case, texts, prompts, solo) -> None:
+    """Prompt lookup verifies drafted blocks in multi-token forwards once a row runs alone:
+    rows that finish at different times leave the last ones drafting. A prompt that repeats
+    itself makes the drafts real."""
+    repeated = texts[3] * 3
+    plain = case.generate(repeated, return_ids=True, **GREEDY).generated_ids
+    engine = case.engine(max_batch_size=8)
+    lookup = dict(GREEDY, prompt_lookup=4)
+    joins = {0: [(str(i), p, dict(lookup, max_new_tokens=4 + i, min_new_tokens=4 + i))
+                 for i, p in enumerate(prompts)]}
+    joins[1] = [("repeat", case.encode(repeated), lookup)]
+    finals = _drain(engine, joins)
+    for i in range(8):
+        assert finals[str(i)] == solo[i][: 4 + i], i
+    assert finals["repeat"] == plain
+
+
+def test_manifest_records_batch_invariance(case) -> None:
+    assert case.manifest.batch_invariant is True
+    assert case.manifest.is_batch_invariant
+
+
+@pytest.mark.parametrize("quantization, dtype, expected", [
+    (None, "fp32", True), (None, "fp16", True), ("int8", "fp32", False), ("int4", "fp32", False),
+])
+def test_artifacts_without_the_field_read_as_invariant_only_unquantized(quantization, dtype, expected) -> None:
+    """Artifacts exported before the field existed used DynamicQuantizeMatMul (int8 layers, and
+    int4's LM head): one activation scale per batch, so they are not invariant."""
+    import json
+
+    from jaonnx.recipes import get_recipe
+
+    spec = get_recipe("gpt2-small-ja")
+    old = {"recipe": spec.id, "task": spec.task, "model_file": "model.onnx", "tokenizer_file": "spiece.model",
+           "special_ids": {}, "vocab_size": 8, "max_positions": 8, "inputs": {}, "outputs": {},
+           "dtype": dtype, "quantization": quantization,
+           "decoder": {"num_layers": 1, "num_heads": 1, "head_dim": 1}}
+    manifest = Manifest.from_dict(json.loads(json.dumps(old)))
+    assert manifest.batch_invariant is None
+    assert manifest.is_batch_invariant is expected
+
+
+def test_batch_invariant_must_be_a_bool() -> None:
+    from jaonnx.recipes import get_recipe
+    from jaonnx.typecheck import FieldError
+
+    spec = get_recipe("gpt2-small-ja")
+    bad = {"recipe": spec.id, "task": spec.task, "model_file": "model.onnx", "tokenizer_file": "spiece.model",
+           "special_ids": {}, "vocab_size": 8, "max_positions": 8, "inputs": {}, "outputs": {},
+           "decoder": {"num_layers": 1, "num_heads": 1, "head_dim": 1}, "batch_invariant": "yes"}
+    with pytest.raises(FieldError, match="manifest.batch_invariant must be bool"):
+        Manifest.from_dict(bad)
+
