@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from quantized_artifacts import export
 
@@ -141,3 +142,69 @@ def test_batch_invariant_must_be_a_bool() -> None:
     with pytest.raises(FieldError, match="manifest.batch_invariant must be bool"):
         Manifest.from_dict(bad)
 
+
+
+def _one_product(linear, weight: np.ndarray, bias: np.ndarray | None):
+    """An ORT session of one weight product built by `linear` (a linear_ops builder)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    inits = [numpy_helper.from_array(bias, "b")] if bias is not None else []
+    nodes, tensors = linear("x", weight, "b" if bias is not None else "", "y", "w")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, n])], inits + tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _dqmm(x: str, weight: np.ndarray, bias: str, output: str, stem: str):
+    """The per-tensor kernel int8 used before (the negative control)."""
+    from onnx import helper, numpy_helper
+
+    from jaonnx_export.weight_codecs import quantize_weight
+
+    q, scale = quantize_weight(weight, True)
+    node = helper.make_node("DynamicQuantizeMatMul", [x, "q", "s", "", bias], [output], domain="com.microsoft")
+    return [node], [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "s")]
+
+
+def _rows_alone_equal_rows_together(session, x: np.ndarray) -> bool:
+    """Row i of one [1, M, K] run equals row i run alone, bit for bit, for M = 2..len(x)."""
+    alone = np.concatenate([session.run(None, {"x": x[None, i : i + 1]})[0][0] for i in range(len(x))])
+    return all(np.array_equal(session.run(None, {"x": x[None, :m]})[0][0], alone[:m]) for m in range(2, len(x) + 1))
+
+
+@pytest.mark.parametrize("k, n", [(96, 40), (256, 300)])
+def test_quantized_products_are_row_invariant_and_per_tensor_is_not(k: int, n: int) -> None:
+    """The kernels every quantized artifact is built from: each row's output is the same alone
+    or among others (an ORT upgrade changing a kernel path would show here first); the old
+    per-tensor DynamicQuantizeMatMul fails the same check. Int8PerRow also equals its exact
+    integer math in numpy: per-row absmax/127 scales, 7-bit per-column weights."""
+    from jaonnx_export.linear_ops import INT4_INVARIANT_BLOCKS, Int4Blocks, Int8PerRow
+    from jaonnx_export.weight_codecs import quantize_weight
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    x = rng.standard_normal((12, k)).astype(np.float32)
+    x[3] *= 50  # one loud row: a shared scale would crush the others
+    x[5] = 0  # an all-zero row must not turn into NaNs
+    int8 = _one_product(Int8PerRow(reduce_range=True), weight, bias)
+    assert _rows_alone_equal_rows_together(int8, x)
+    for block in INT4_INVARIANT_BLOCKS:
+        for symmetric in (False, True):
+            assert _rows_alone_equal_rows_together(_one_product(Int4Blocks(block, 4, symmetric), weight, bias), x)
+    assert not Int4Blocks(128).batch_invariant
+    assert not _rows_alone_equal_rows_together(_one_product(_dqmm, weight, bias), x)
+
+    q, w_scale = quantize_weight(weight, True)
+    peak = np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-30))
+    row_scale = peak * np.float32(1 / 127)
+    xq = np.rint(x / row_scale)
+    want = (xq.astype(np.int64) @ q.astype(np.int64)).astype(np.float64) * row_scale * w_scale + bias
+    got = int8.run(None, {"x": x[None]})[0][0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert np.isfinite(got).all()

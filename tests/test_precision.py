@@ -98,7 +98,7 @@ def test_int8_graph_is_quantized_portably_and_smaller(converted: dict, artifacts
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     ops = [n.op_type for n in model.graph.node]
-    assert "DynamicQuantizeMatMul" in ops
+    assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeMatMul" not in ops  # per-row, not per-tensor
     # Every product with a weight (lm_head included) is quantized; Q.K^T and attention.V remain.
     fp32_weight_products = [n.name for n in model.graph.node
                             if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
@@ -122,8 +122,9 @@ def test_int4_graph_uses_matmulnbits_with_an_int8_head(converted: dict, recipe: 
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == 4 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
-    heads = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    assert len(heads) == 1  # the LM head (default --lm-head int8)
+    heads = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(heads) == 1  # the LM head (default --lm-head int8), activations per row
+    assert "DynamicQuantizeMatMul" not in [n.op_type for n in model.graph.node]
     assert _manifest(directory)["quality"]["conversion"]["lm_head"] == "int8"
     assert any(n.op_type == "Gather" for n in model.graph.node)  # embeddings stay lookups
 
@@ -141,7 +142,7 @@ def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) ->
     assert quality["forced"] is True if not quality["passed"] else "forced" not in quality
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert "DynamicQuantizeMatMul" not in ops and "MatMulNBits" in ops
+    assert "MatMulIntegerToFloat" not in ops and "MatMulNBits" in ops
     blocks = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "block_size"}
     assert blocks == {128}
@@ -154,7 +155,7 @@ def test_int4_packing_matches_onnxruntime() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from jaonnx_export.quantize import pack_int4, unpack_int4
+    from jaonnx_export.weight_codecs import pack_int4, unpack_int4
 
     rng = np.random.default_rng(0)
     for k, n, block in [(96, 40, 32), (80, 24, 32), (256, 64, 128)]:
@@ -298,7 +299,7 @@ def test_bad_options_are_one_line_errors(twins_dir: Path, tmp_path: Path, flags:
 
 
 def test_quantize_weight_round_trip() -> None:
-    from jaonnx_export.quantize import quantize_weight
+    from jaonnx_export.weight_codecs import quantize_weight
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 32)).astype(np.float32)
