@@ -10,6 +10,7 @@ products are exact and its scale is its own."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -208,3 +209,44 @@ def test_quantized_products_are_row_invariant_and_per_tensor_is_not(k: int, n: i
     got = int8.run(None, {"x": x[None]})[0][0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert np.isfinite(got).all()
+
+
+def _serve_two_batches(gen) -> None:
+    """Two rounds of three concurrent requests through the server's generation worker."""
+    import queue
+
+    from jaonnx.serving.batcher import GenerationJob, GenerationWorker
+
+    worker = GenerationWorker("m", gen, max_queue=8, max_batch=4)
+    try:
+        for _ in range(2):
+            sinks = [queue.Queue() for _ in range(3)]
+            for sink, prompt in zip(sinks, ["近年の機械学習は", "東京は", "大学で"]):
+                ids = gen.encode(prompt)
+                worker.submit(GenerationJob(sink=sink.put, prompts=[prompt], prompt_ids=[ids],
+                                            settings=gen.settings(len(ids), max_new_tokens=6, min_new_tokens=6,
+                                                                  do_sample=False)))
+            for sink in sinks:
+                while (event := sink.get(timeout=60))[0] not in ("result", "error"):
+                    pass
+                assert event[0] == "result"
+        assert worker.stats.max_batch_seen > 1
+    finally:
+        worker.stop()
+
+
+def test_server_warns_once_when_it_batches_an_artifact_that_is_not_invariant(
+    twins_dir: Path, cache_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gen = jaonnx.load(export(twins_dir, cache_dir, "fp32", "static"), providers="cpu")
+    with caplog.at_level(logging.WARNING, logger="jaonnx.serving"):
+        _serve_two_batches(gen)
+    assert not [r for r in caplog.records if "batch-invariant" in r.getMessage()]  # invariant: silent
+
+    gen.manifest.batch_invariant = None  # an artifact from before the field...
+    gen.manifest.quantization = "int8"  # ...quantized per tensor
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaonnx.serving"):
+        _serve_two_batches(gen)
+    warnings = [r.getMessage() for r in caplog.records if "batch-invariant" in r.getMessage()]
+    assert len(warnings) == 1 and "'m' (int8) is not batch-invariant" in warnings[0] and "\n" not in warnings[0]

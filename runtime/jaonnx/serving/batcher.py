@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..generation import ResultCollector, SamplingSettings
+from .invariance import InvarianceWarning
 
 Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("first_token", None)
 #                          | ("error", exc) | ("cancelled", None)
@@ -224,6 +225,7 @@ class GenerationWorker(Worker):
     def __init__(self, name: str, model: Any, max_queue: int, max_batch: int = 16) -> None:
         self.max_batch = max(1, max_batch)
         self.engine = model.engine(max_batch_size=self.max_batch)
+        self._invariance = InvarianceWarning(name, model.manifest)
         self._live: list[_Live] = []
         self._waiting: GenerationJob | None = None
         super().__init__(name, model, max_queue)
@@ -241,6 +243,7 @@ class GenerationWorker(Worker):
         outputs = self.engine.step()
         self.stats.batches += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
+        self._invariance.batched(self.engine.last_step_rows)
         self.stats.tokens += self.engine.tokens_generated - before
         for out in outputs:
             next(x for x in self._live if out.request_id in x.collector).take(out)
