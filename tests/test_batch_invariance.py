@@ -1,7 +1,7 @@
 """Batch invariance at every precision (issue 15 item 0): a request's greedy tokens are the
-same alone and in a crowd. Eight prompts of different lengths, on fp32, int8 and int4 and on
-both KV layouts, give identical ids solo (`generate`), all together in one engine batch,
-joining a running batch one by one, and under prompt lookup. The ids are also checked to be
+same alone and in a crowd. Eight prompts of different lengths, on fp32, fp16 (CPU provider),
+int8 and int4 and on both KV layouts, give identical ids solo (`generate`), all together in
+one engine batch, joining a running batch one by one, and under prompt lookup. The ids are also checked to be
 non-degenerate, so a broken model cannot pass by repeating one token everywhere.
 
 Per-tensor activation quantization (`DynamicQuantizeMatMul`, one scale for the whole batch)
@@ -21,7 +21,7 @@ import jaonnx
 from jaonnx.artifact import Manifest
 
 LAYOUTS = ["static", "concat"]
-PRECISIONS = ["fp32", "int8", "int4"]
+PRECISIONS = ["fp32", "fp16", "int8", "int4"]
 NEW = 12
 GREEDY = dict(do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
 
@@ -32,7 +32,8 @@ def case(request, twins_dir: Path, cache_dir: Path):
     precision, layout = request.param
     gen = jaonnx.load(export(twins_dir, cache_dir, precision, layout), providers="cpu")
     assert gen.manifest.decoder.kv_layout == layout  # coverage of both layouts cannot vanish
-    assert gen.manifest.quantization == (None if precision == "fp32" else precision)
+    assert gen.manifest.quantization == (precision if precision.startswith("int") else None)
+    assert gen.manifest.dtype == ("fp16" if precision == "fp16" else "fp32")
     return gen
 
 

@@ -287,6 +287,7 @@ def test_gate_fails_without_force_and_passes_with_it(
     (("--quantize", "int8", "--dtype", "fp16"), "do not combine"),
     (("--quantize", "int4", "--int4-block", "48"), "--int4-block"),
     (("--quantize", "int4", "--lm-head", "int2"), "--lm-head"),
+    (("--quantize", "int8", "--embedding", "int2"), "--embedding"),
 ])
 def test_bad_options_are_one_line_errors(twins_dir: Path, tmp_path: Path, flags: tuple, needle: str) -> None:
     from jaonnx.errors import JaonnxError
@@ -307,3 +308,53 @@ def test_quantize_weight_round_trip() -> None:
         q, scale = quantize_weight(weight, reduce_range=reduce_range)
         assert q.dtype == np.int8 and scale.shape == (32,) and np.abs(q).max() == limit
         assert np.abs(q.astype(np.float32) * scale - weight).max() <= scale.max() / 2 + 1e-6
+
+
+def test_table_quantization_matches_gather_block_quantized() -> None:
+    """Our table codec's layout is what GatherBlockQuantized reads: ORT's rows equal our
+    dequantized table's rows, for 8 and 4 bits and an odd number of blocks per row."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaonnx_export.linear_ops import QuantizedTable
+    from jaonnx_export.weight_codecs import dequantize_table, quantize_table
+
+    rng = np.random.default_rng(0)
+    for bits, width in ((8, 96), (4, 96), (4, 64)):
+        table = rng.standard_normal((50, width)).astype(np.float32)
+        data, scales, zeros = quantize_table(table, bits, 32)
+        dequantized = dequantize_table(data, scales, zeros, bits, 32)
+        assert np.abs(dequantized - table).max() <= scales.max() / 2 + 1e-5
+        nodes, tensors = QuantizedTable(bits, 32)("ids", table, "rows", "t")
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+                                  [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)], tensors)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        ids = np.array([[0, 49, 7], [3, 3, 12]], dtype=np.int64)
+        np.testing.assert_array_equal(session.run(None, {"ids": ids})[0], dequantized[ids])
+
+
+@pytest.mark.parametrize("precision, embedding", [("int8", "int8"), ("int4", "int8")])
+@pytest.mark.parametrize("layout", ["static", "concat"])
+def test_quantized_embedding_keeps_the_quality_gate(twins_dir: Path, cache_dir: Path, precision: str, embedding: str,
+                                                    layout: str) -> None:
+    """The token embedding as GatherBlockQuantized: no fp32 [vocab, hidden] table is left (the
+    static graph's tied LM head reads its own quantized copy), and held-out top-1 agreement
+    with transformers stays within the gate, checked independently of the export's report."""
+    import onnx
+
+    recipe = "gpt2-small-ja"
+    directory = export_via_cli(twins_dir / recipe, cache_dir / "precision" / f"{recipe}-{precision}-emb{embedding}-{layout}",
+                               "--quantize", precision, "--embedding", embedding, "--kv-cache", layout, "--no-optimize")
+    manifest = _manifest(directory)
+    assert manifest["decoder"]["kv_layout"] == layout
+    assert manifest["quality"]["passed"] and manifest["quality"]["conversion"]["embedding"]["bits"] == 8
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node) == 1
+    vocab = manifest["vocab_size"]
+    tables = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+              and vocab in t.dims]
+    assert tables == []
+    top1, worst, scale = _independent_agreement(directory, twins_dir / recipe)
+    assert top1 >= 0.95, top1
+    assert worst < LOGIT_DIFF[precision] * scale, (worst, scale)

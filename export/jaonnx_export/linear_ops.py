@@ -1,4 +1,5 @@
-"""The quantized kernels one weight product becomes: ONNX nodes + initializers per layer.
+"""The quantized kernels one weight product (or embedding lookup) becomes: ONNX nodes +
+initializers per layer.
 
 Both kinds quantize activations **per row** (per token), never per tensor, so a request's
 numbers do not depend on the other rows of its batch (greedy tokens are identical alone and
@@ -13,6 +14,9 @@ in a crowd):
 - `Int4Blocks`: `com.microsoft.MatMulNBits` (4-bit blocks along K; accuracy_level 4 quantizes
   activations to int8 per row block). Measured on ORT 1.32: batch-invariant for blocks of
   16 and 32; blocks of 64+ take a different kernel for M == 1 and are not.
+
+Embedding tables (`QuantizedTable`) become `com.microsoft.GatherBlockQuantized`: a lookup
+reads one row per token, so only the table's size changes (and rows stay independent).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .weight_codecs import pack_int4, quantize_weight
+from .weight_codecs import pack_int4, quantize_table, quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 INT4_INVARIANT_BLOCKS = (16, 32)  # MatMulNBits block sizes measured batch-invariant (see above)
@@ -126,3 +130,26 @@ class Int4Blocks:
             K=k, N=n, bits=4, block_size=self.block, accuracy_level=self.accuracy_level,
         )
         return [node], [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+
+
+@dataclass
+class QuantizedTable:
+    """An embedding Gather over a [V, H] table -> GatherBlockQuantized with `bits`-bit blocks of
+    `block` values along H (asymmetric, zero points)."""
+
+    bits: int = 8
+    block: int = 32
+    batch_invariant: bool = True
+
+    def fits(self, width: int) -> bool:
+        return width % self.block == 0
+
+    def __call__(self, ids: str, table: np.ndarray, output: str, stem: str) -> tuple[list[Any], list[Any]]:
+        from onnx import helper, numpy_helper
+
+        data, scales, zeros = quantize_table(table, self.bits, self.block)
+        names = [f"{stem}_q{self.bits}", f"{stem}_q{self.bits}_scale", f"{stem}_q{self.bits}_zero"]
+        node = helper.make_node("GatherBlockQuantized", [names[0], ids, names[1], names[2]], [output],
+                                name=f"{stem}_gather", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                block_size=self.block, bits=self.bits)
+        return [node], [numpy_helper.from_array(a, n) for a, n in zip((data, scales, zeros), names)]

@@ -30,6 +30,7 @@ QUALITY_TEXTS = quality.QUALITY_TEXTS  # held-out sentences in the report (bench
 Progress = Callable[[str], None]
 QUANTIZATIONS = ("int8", "int4")
 LM_HEADS = ("int4", "int8", "fp32")
+EMBEDDINGS = ("int8", "int4", "fp32")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Options:
     force: bool = False
     int4_block: int = rewrite.INT4_BLOCK
     lm_head: str = "int8"  # int4 artifacts: the LM head's precision
+    embedding: str = "fp32"  # int8/int4 artifacts: the token embedding table's precision
 
     @property
     def name(self) -> str:
@@ -61,13 +63,17 @@ class Options:
             raise JaonnxError(f"--int4-block must be a power of two from 16 to 256, not {self.int4_block}")
         if self.lm_head not in LM_HEADS:
             raise JaonnxError(f"--lm-head must be int4, int8 or fp32, not {self.lm_head!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise JaonnxError(f"--embedding must be int8, int4 or fp32, not {self.embedding!r}")
 
 
 def _convert_one(path: Path, target: Path, manifest: Manifest, options: Options, data_file: str | None) -> dict[str, Any]:
     if options.quantize == "int8":
-        return rewrite.quantize_int8(path, target, data_file)
+        return rewrite.quantize_int8(path, target, data_file, vocab_size=manifest.vocab_size,
+                                     embedding=options.embedding)
     if options.quantize == "int4":
-        return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block)
+        return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block,
+                                     embedding=options.embedding)
     if options.dtype == "fp16":
         return convert_fp16(path, target, data_file)
     return {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .linear_ops import Int4Blocks, Int8PerRow, Linear
+from .linear_ops import Int4Blocks, Int8PerRow, Linear, QuantizedTable
 from .weight_codecs import pack_int4, quantize_weight, unpack_int4  # noqa: F401  (public names)
 from .weight_rewrite import default_opset, rewrite_weight_products
 
@@ -24,24 +24,49 @@ INT4_ACCURACY_LEVEL = 4  # int8 activations x int4 weights (MLAS sqnbitgemm Comp
 # top-1 agreement stays >= 0.99, so every artifact uses the setting that is exact on every CPU.
 PORTABLE_REDUCE_RANGE = True
 INT8_METHOD = "MatMulIntegerToFloat, int8 per-column weights, int8 per-row activations"
+EMBEDDINGS = {"int8": (8, 32), "int4": (4, 32)}  # token embedding table: (bits, block along H)
 
 
-def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: bool | None = None) -> dict[str, Any]:
-    """Every MatMul/Gemm with a constant 2-D weight -> int8 weights x per-row int8 activations.
-    Embedding tables (Gather) stay fp32: they are lookups."""
+def _tables(embedding: str | None, vocab_size: int | None, report: dict[str, Any]) -> Any:
+    """The choose_table of the walk: the token embedding ([vocab_size, H]) as `embedding` says
+    (None / "fp32": left as it is); records what it did in `report`."""
+    if embedding in (None, "fp32") or vocab_size is None:
+        return None
+    if embedding not in EMBEDDINGS:
+        from jaonnx.errors import JaonnxError
+
+        raise JaonnxError(f"the embedding must be int8, int4 or fp32, not {embedding!r}")
+    bits, block = EMBEDDINGS[embedding]
+    table = QuantizedTable(bits, block)
+
+    def choose(v: int, h: int) -> QuantizedTable | None:
+        if v != vocab_size or not table.fits(h):
+            return None
+        report["embedding"] = {"method": f"GatherBlockQuantized, {bits}-bit blocks of {block}", "bits": bits,
+                               "block_size": block}
+        return table
+
+    return choose
+
+
+def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: bool | None = None,
+                  vocab_size: int | None = None, embedding: str | None = None) -> dict[str, Any]:
+    """Every MatMul/Gemm with a constant 2-D weight -> int8 weights x per-row int8 activations;
+    the token embedding table ([vocab_size, H]) as `embedding` says (None: fp32)."""
     reduce_range = PORTABLE_REDUCE_RANGE if reduce_range is None else reduce_range
     int8 = Int8PerRow(reduce_range, default_opset(src))
-    count = rewrite_weight_products(src, dst, data_file, lambda k, n: int8)
-    return {"method": INT8_METHOD, "matmuls_quantized": count, "reduce_range": reduce_range,
-            "batch_invariant": int8.batch_invariant}
+    report: dict[str, Any] = {"method": INT8_METHOD, "reduce_range": reduce_range}
+    tables = _tables(embedding, vocab_size, report)
+    report["matmuls_quantized"] = rewrite_weight_products(src, dst, data_file, lambda k, n: int8, tables)
+    return report | {"batch_invariant": int8.batch_invariant}
 
 
 def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, lm_head: str = "int8",
                   block: int = INT4_BLOCK, reduce_range: bool | None = None, symmetric: bool = False,
-                  accuracy_level: int = INT4_ACCURACY_LEVEL) -> dict[str, Any]:
+                  accuracy_level: int = INT4_ACCURACY_LEVEL, embedding: str | None = None) -> dict[str, Any]:
     """Weight-only int4 (MatMulNBits, blocks of `block` along K) for every weight product; the
     LM head (the product with N == vocab_size) is int4, int8 (per-row, as quantize_int8) or
-    fp32 as `lm_head` says. Embedding gathers stay fp32."""
+    fp32 as `lm_head` says; the token embedding table as `embedding` says (None: fp32)."""
     if lm_head not in ("int4", "int8", "fp32"):
         from jaonnx.errors import JaonnxError
 
@@ -61,7 +86,8 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
             used.append(chosen)
         return chosen
 
-    count = rewrite_weight_products(src, dst, data_file, choose)
+    tabled: dict[str, Any] = {}
+    count = rewrite_weight_products(src, dst, data_file, choose, _tables(embedding, vocab_size, tabled))
     method = f"MatMulNBits, int4 blocks of {block}{' symmetric' if symmetric else ''}, accuracy_level={accuracy_level}"
     report: dict[str, Any] = {"method": method, "matmuls_quantized": count, "block_size": block,
                               "symmetric": symmetric, "accuracy_level": accuracy_level,
@@ -69,4 +95,4 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
                               "batch_invariant": all(linear.batch_invariant for linear in used)}
     if heads and lm_head == "int8":
         report["reduce_range"] = reduce_range
-    return report
+    return report | tabled

@@ -70,3 +70,47 @@ def unpack_int4(packed: np.ndarray, scale: np.ndarray, zero_packed: np.ndarray |
         zero[:, 1::2] = zero_packed >> 4
     w = (q - zero[:, :blocks, None]) * scale[..., None]
     return w.reshape(n, -1)[:, :k].T
+
+
+def quantize_table(table: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric `bits`-bit blocks of `block` values along the hidden axis of an embedding
+    table [V, H], in GatherBlockQuantized's layout: (uint8 data [V, H] for 8 bits or packed
+    low nibble first [V, H/2] for 4, fp32 scales [V, H/block], uint8 zero points [V, H/block],
+    packed two per byte for 4 bits)."""
+    v, h = table.shape
+    if h % block:
+        raise ValueError(f"table width {h} is not a multiple of the block size {block}")
+    top = (1 << bits) - 1
+    rows = max(1, (COLUMNS * 64) // h)  # bound the float temporaries of a big table
+    data, scales, zeros = [], [], []
+    for start in range(0, v, rows):
+        w = table[start : start + rows].astype(np.float32).reshape(-1, h // block, block)
+        low = np.minimum(w.min(axis=2), 0.0)
+        high = np.maximum(w.max(axis=2), 0.0)
+        scale = ((high - low) / top).astype(np.float32)
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        zero = np.clip(np.rint(-low / scale), 0, top).astype(np.uint8)
+        q = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8).reshape(len(w), h)
+        if bits == 4:
+            q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+            if zero.shape[1] % 2:
+                zero = np.concatenate([zero, np.zeros((len(zero), 1), dtype=np.uint8)], axis=1)
+            zero = (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)
+        data.append(q)
+        scales.append(scale)
+        zeros.append(zero)
+    return np.concatenate(data), np.concatenate(scales), np.concatenate(zeros)
+
+
+def dequantize_table(data: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int, block: int) -> np.ndarray:
+    """The fp32 table a GatherBlockQuantized node reads rows of (for tests and reports)."""
+    if bits == 4:
+        q = np.empty((data.shape[0], data.shape[1] * 2), dtype=np.float32)
+        q[:, 0::2], q[:, 1::2] = data & 0x0F, data >> 4
+        z = np.empty((zeros.shape[0], zeros.shape[1] * 2), dtype=np.float32)
+        z[:, 0::2], z[:, 1::2] = zeros & 0x0F, zeros >> 4
+        z = z[:, : scales.shape[1]]
+    else:
+        q, z = data.astype(np.float32), zeros.astype(np.float32)
+    v, h = q.shape
+    return ((q.reshape(v, -1, block) - z[..., None]) * scales[..., None]).reshape(v, h)

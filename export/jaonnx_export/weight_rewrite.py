@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .linear_ops import MS_DOMAIN, Linear
+from .linear_ops import MS_DOMAIN, Linear, QuantizedTable
 from .onnx_files import write_model
 
 
@@ -32,9 +32,11 @@ def _array(tensor: Any, base: Path) -> np.ndarray:
     return numpy_helper.to_array(tensor, base_dir=str(base))
 
 
-def rewrite_weight_products(src: Path, dst: Path, data_file: str | None, choose: Callable[[int, int], Linear | None]) -> int:
+def rewrite_weight_products(src: Path, dst: Path, data_file: str | None, choose: Callable[[int, int], Linear | None],
+                            choose_table: Callable[[int, int], QuantizedTable | None] | None = None) -> int:
     """Replace every MatMul/Gemm with a constant 2-D weight by the nodes `choose(K, N)` builds
-    for it (None: leave it), folding a following bias Add. Streams: one fp32 weight in memory at a
+    for it (None: leave it), folding a following bias Add, and every Gather from a constant
+    [V, H] table by what `choose_table(V, H)` builds. Streams: one fp32 weight in memory at a
     time, and with a data file every new or kept tensor goes straight to disk (_Sink)."""
     import onnx
     from onnx import helper, numpy_helper
@@ -64,6 +66,22 @@ def rewrite_weight_products(src: Path, dst: Path, data_file: str | None, choose:
     count = 0
     for node in graph.node:
         if id(node) in skip:
+            continue
+        if node.op_type == "Gather" and choose_table is not None and node.input[0] in inits:
+            table_name = node.input[0]
+            axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+            table = choose_table(*dims(table_name)) if len(dims(table_name)) == 2 and axis == 0 else None
+            if table is None:
+                new_nodes.append(node)
+                continue
+            uses[table_name] -= 1
+            if uses[table_name] == 0:
+                dropped.add(table_name)
+            values = _array(inits[table_name], base).astype(np.float32, copy=False)
+            nodes, tensors = table(node.input[1], values, node.output[0], node.name or table_name)
+            del values
+            new_nodes += nodes
+            new_inits += [sink.put(t) for t in tensors]
             continue
         weight_name = node.input[1] if len(node.input) > 1 else ""
         if node.op_type not in ("MatMul", "Gemm") or weight_name not in inits or len(dims(weight_name)) != 2:
