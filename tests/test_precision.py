@@ -344,9 +344,13 @@ def test_quantized_embedding_keeps_the_quality_gate(twins_dir: Path, cache_dir: 
     import onnx
 
     recipe = "gpt2-small-ja"
+    # static: weights in model.onnx.data too, so the streaming rewrite's data-file path runs
+    data = ("--external-data", "always") if layout == "static" else ()
     directory = export_via_cli(twins_dir / recipe, cache_dir / "precision" / f"{recipe}-{precision}-emb{embedding}-{layout}",
-                               "--quantize", precision, "--embedding", embedding, "--kv-cache", layout, "--no-optimize")
+                               "--quantize", precision, "--embedding", embedding, "--kv-cache", layout, "--no-optimize",
+                               *data)
     manifest = _manifest(directory)
+    assert (manifest["external_data"] == "model.onnx.data") == (layout == "static")
     assert manifest["decoder"]["kv_layout"] == layout
     assert manifest["quality"]["passed"] and manifest["quality"]["conversion"]["embedding"]["bits"] == 8
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)

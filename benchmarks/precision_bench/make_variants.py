@@ -25,12 +25,14 @@ for spec in sys.argv[3:]:
     shutil.copy(src / manifest.tokenizer_file, out / manifest.tokenizer_file)
     data = manifest.external_data
     if kind == "int8":
-        report = quantize.quantize_int8(src / manifest.model_file, out / manifest.model_file, data)
+        report = quantize.quantize_int8(src / manifest.model_file, out / manifest.model_file, data,
+                                        vocab_size=manifest.vocab_size, embedding=options.get("embedding"))
     else:
         report = quantize.quantize_int4(
             src / manifest.model_file, out / manifest.model_file, data, manifest.vocab_size,
             options.get("lm_head", "int8"), int(options.get("block", 32)),
-            symmetric=options.get("symmetric", "0") == "1", accuracy_level=int(options.get("accuracy_level", 4)))
+            symmetric=options.get("symmetric", "0") == "1", accuracy_level=int(options.get("accuracy_level", 4)),
+            embedding=options.get("embedding"))
     m = read_manifest(src)
     m.quantization, m.batch_invariant = kind, report["batch_invariant"]
     m.quality = {"conversion": report}

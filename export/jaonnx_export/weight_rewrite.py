@@ -132,10 +132,7 @@ def rewrite_weight_products(src: Path, dst: Path, data_file: str | None, choose:
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     sink.close()
-    if data_file:
-        onnx.save_model(model, str(dst))  # the weights are already in data_file
-    else:
-        write_model(model, dst, None)
+    write_model(model, dst, None)  # the proto only: with a data file, the sink already wrote the weights
     return count
 
 
