@@ -6,7 +6,7 @@ numbers do not depend on the other rows of its batch (greedy tokens are identica
 in a crowd):
 
 - `Int8PerRow`: symmetric int8 weights per output column, activations quantized per row with
-  their own scale (absmax / 127, zero point 128) by a few elementwise nodes, and the product
+  their own scale (absmax / 127, zero point 128) by five small nodes, and the product
   in `com.microsoft.MatMulIntegerToFloat` (MLAS's packed u8s8 GEMM, as fast as
   `DynamicQuantizeMatMul`, measured). Integer sums are exact, so every row's result is the
   same whatever M or kernel path; `DynamicQuantizeMatMul`, which we used before, takes one
@@ -54,8 +54,10 @@ class Int8PerRow:
     _constants_made: bool = False
 
     def _row_quantize(self, x: str) -> tuple[list[Any], list[Any], str, str]:
-        """Nodes computing (uint8 x, fp32 per-row scale [..., 1]) from x, once per x."""
-        from onnx import TensorProto, helper, numpy_helper
+        """Nodes computing (uint8 x, fp32 per-row peak [..., 1]) from x, once per x:
+        q = QuantizeLinear(x / peak, 1/127, 128) = round(127 x / peak) + 128, in [1, 255]. The
+        1/127 of the row scale (peak / 127) is folded into the weight scales."""
+        from onnx import helper, numpy_helper
 
         if x in self._rows:
             return [], [], *self._rows[x]
@@ -65,36 +67,34 @@ class Int8PerRow:
         if not self._constants_made:
             self._constants_made = True
             inits = [numpy_helper.from_array(np.array(v, dtype=t), c + name) for name, v, t in (
-                ("tiny", 1e-30, np.float32), ("inv127", 1.0 / 127.0, np.float32), ("c128", 128.0, np.float32),
-                ("zp", 128, np.uint8), ("axes", [-1], np.int64))]
+                ("tiny", 1e-30, np.float32), ("step", 1.0 / 127.0, np.float32), ("zp", 128, np.uint8),
+                ("axes", [-1], np.int64))]
         if self.opset >= 18:
             reduce = helper.make_node("ReduceMax", [f"{stem}_abs", c + "axes"], [f"{stem}_max"], keepdims=1)
         else:
             reduce = helper.make_node("ReduceMax", [f"{stem}_abs"], [f"{stem}_max"], axes=[-1], keepdims=1)
-        scale, q = f"{stem}_scale", f"{stem}_u8"
+        peak, q = f"{stem}_peak", f"{stem}_u8"
         nodes = [
             helper.make_node("Abs", [x], [f"{stem}_abs"]),
             reduce,
-            helper.make_node("Max", [f"{stem}_max", c + "tiny"], [f"{stem}_peak"]),  # an all-zero row
-            helper.make_node("Mul", [f"{stem}_peak", c + "inv127"], [scale]),
-            helper.make_node("Div", [x, scale], [f"{stem}_div"]),
-            helper.make_node("Round", [f"{stem}_div"], [f"{stem}_round"]),  # in [-127, 127]
-            helper.make_node("Add", [f"{stem}_round", c + "c128"], [f"{stem}_shift"]),  # in [1, 255]
-            helper.make_node("Cast", [f"{stem}_shift"], [q], to=TensorProto.UINT8),
+            helper.make_node("Max", [f"{stem}_max", c + "tiny"], [peak]),  # an all-zero row: no 0/0
+            helper.make_node("Div", [x, peak], [f"{stem}_unit"]),  # in [-1, 1]
+            helper.make_node("QuantizeLinear", [f"{stem}_unit", c + "step", c + "zp"], [q]),
         ]
-        self._rows[x] = (q, scale)
-        return nodes, inits, q, scale
+        self._rows[x] = (q, peak)
+        return nodes, inits, q, peak
 
     def __call__(self, x: str, weight: np.ndarray, bias: str, output: str, stem: str) -> tuple[list[Any], list[Any]]:
         from onnx import helper, numpy_helper
 
-        nodes, inits, q, row_scale = self._row_quantize(x)
+        nodes, inits, q, peak = self._row_quantize(x)
         w, w_scale = quantize_weight(weight, self.reduce_range)
+        w_scale = (w_scale / np.float32(127.0)).astype(np.float32)  # the row scale is peak / 127
         w_name, s_name = f"{stem}_int8", f"{stem}_scale"
         product = f"{stem}_product" if bias else output
         # A non-scalar a_scale broadcasts over the output; ORT then scales a fused bias too,
         # so the bias is its own Add.
-        nodes.append(helper.make_node("MatMulIntegerToFloat", [q, w_name, row_scale, s_name, "jaonnx_rowq_zp"],
+        nodes.append(helper.make_node("MatMulIntegerToFloat", [q, w_name, peak, s_name, "jaonnx_rowq_zp"],
                                       [product], name=f"{stem}_quant", domain=MS_DOMAIN))
         if bias:
             nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{stem}_bias"))
