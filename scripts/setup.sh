@@ -9,5 +9,5 @@ PY="${PYTHON:-python3}"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[cpu,export,serve,dev]"
+"$VENV/bin/python" -m pip install -q -e ".[cpu,export,serve,structured,dev]"
 echo "jaonnx installed in $VENV"

@@ -223,10 +223,8 @@ def _serve_two_batches(gen) -> None:
         for _ in range(2):
             sinks = [queue.Queue() for _ in range(3)]
             for sink, prompt in zip(sinks, ["近年の機械学習は", "東京は", "大学で"]):
-                ids = gen.encode(prompt)
-                worker.submit(GenerationJob(sink=sink.put, prompts=[prompt], prompt_ids=[ids],
-                                            settings=gen.settings(len(ids), max_new_tokens=6, min_new_tokens=6,
-                                                                  do_sample=False)))
+                inputs = gen.process(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+                worker.submit(GenerationJob(sink=sink.put, inputs=inputs))
             for sink in sinks:
                 while (event := sink.get(timeout=60))[0] not in ("result", "error"):
                     pass

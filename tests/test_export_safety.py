@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, jaonnx_cli
+from helpers import assert_one_line_error, hf_tokenizer, jaonnx_cli
 
 import jaonnx
 from jaonnx.errors import JaonnxError
@@ -68,6 +69,116 @@ def test_killed_export_leaves_the_previous_artifact(artifacts, twins_dir, tmp_pa
             proc.kill()
     assert digest(out) == before
     assert jaonnx.load(out)("4年に1度[MASK]は開かれる。", top_k=1)
+
+
+# A child process that runs the real export and SIGKILLs itself right after the swap (or,
+# with the fallback forced, between its two renames), before any cleanup runs.
+DIE_AFTER_EXCHANGE = """
+import os, signal, sys
+from jaonnx_export import staging
+real = staging.exchange
+def exchange_then_die(a, b):
+    assert real(a, b), "this filesystem has no atomic exchange"
+    os.kill(os.getpid(), signal.SIGKILL)
+staging.exchange = exchange_then_die
+from jaonnx_export.export import export
+export(sys.argv[1], sys.argv[2])
+"""
+
+DIE_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from jaonnx_export import staging
+staging.exchange = lambda a, b: False  # the fallback: two renames
+real, calls = Path.rename, []
+def rename_then_die(self, target):
+    done = real(self, target)
+    calls.append(target)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
+Path.rename = rename_then_die
+with staging.Staging(Path(sys.argv[1])) as stage:
+    (stage.work / "jaonnx.json").write_text("new", encoding="utf-8")
+    stage.commit()
+"""
+
+
+def complete(directory: Path) -> bool:
+    """Every file the manifest names is there and the artifact loads."""
+    manifest = jaonnx.read_manifest(directory)
+    names = [manifest.model_file, manifest.tokenizer_file, *([manifest.external_data] if manifest.external_data else [])]
+    return all((directory / n).is_file() for n in names)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's; the fallback is tested below")
+def test_export_killed_after_the_swap_leaves_the_new_artifact(artifacts, twins_dir, tmp_path):
+    """Killed between the exchange and the cleanup: the output holds the new artifact (the
+    old one sits in a leftover directory), and the next export of that output removes it."""
+    from jaonnx_export.export import export
+
+    out = tmp_path / "art"
+    shutil.copytree(artifacts["ken11-albert"], out)  # the old artifact: another model
+    proc = subprocess.run([sys.executable, "-c", DIE_AFTER_EXCHANGE, str(twins_dir / "rinna-roberta"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert jaonnx.read_manifest(out).recipe == "rinna-roberta" and complete(out)
+    assert jaonnx.load(out)("4年に1度[MASK]は開かれる。", top_k=1)
+    (left,) = leftovers(tmp_path)
+    assert jaonnx.read_manifest(tmp_path / left).recipe == "ken11-albert"  # the old one, swapped out
+    export(str(twins_dir / "ken11-albert"), out)
+    assert leftovers(tmp_path) == []
+    assert jaonnx.read_manifest(out).recipe == "ken11-albert" and complete(out)
+
+
+def test_fallback_killed_between_its_renames_is_recovered(tmp_path):
+    """Without an atomic exchange, a kill between the two renames leaves the old artifact in
+    `.old-*`; the next export of that output puts it back before anything else."""
+    from jaonnx_export.staging import Staging
+
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "jaonnx.json").write_text("old", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", DIE_BETWEEN_RENAMES, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not out.exists() and len(leftovers(tmp_path)) == 2  # the documented window
+    with Staging(out):
+        assert (out / "jaonnx.json").read_text(encoding="utf-8") == "old"
+        assert [p for p in leftovers(tmp_path) if p.startswith(".art.old-")] == []
+    assert leftovers(tmp_path) == []
+
+
+def test_leftovers_of_dead_exports_are_removed_and_live_ones_kept(tmp_path):
+    from jaonnx_export.staging import Staging
+
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "jaonnx.json").write_text("{}", encoding="utf-8")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f".art.partial-{dead.stdout.strip()}-abc", f".art.old-{dead.stdout.strip()}-def", ".art.partial-old",
+             f".art.partial-{os.getppid()}-live", ".other.partial-1-x"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    with Staging(out) as stage:
+        (stage.work / "jaonnx.json").write_text("new", encoding="utf-8")
+        stage.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["art", names[3], names[4]])
+    assert (out / "jaonnx.json").read_text(encoding="utf-8") == "new"
+
+
+def test_swap_exchanges_two_directories_in_one_step(tmp_path):
+    from jaonnx_export import staging
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("a", encoding="utf-8"), (b / "x").write_text("b", encoding="utf-8")
+    swapped = staging.exchange(a, b)
+    if not sys.platform.startswith(("linux", "darwin")):
+        assert swapped is False  # no exchange here: the two-rename fallback (tested above) runs
+        return
+    assert swapped, "renameat2/renamex_np is missing or the filesystem refuses RENAME_EXCHANGE"
+    assert (a / "x").read_text(encoding="utf-8") == "b" and (b / "x").read_text(encoding="utf-8") == "a"
 
 
 def test_output_that_is_not_an_artifact_is_refused(twins_dir, tmp_path):
@@ -191,15 +302,66 @@ def test_special_tokens_are_checked_against_the_map_and_the_config(twins_dir, tm
     config = json.loads((source.directory / "config.json").read_text(encoding="utf-8"))
     ids, found = consistency.special_ids(source, recipe, backend, SimpleNamespace(**config))
     assert found["special_tokens_checked"] == ["eos", "unk"]
-    assert ids["eos"] == config["eos_token_id"]
-    # the config's eos id disagrees with the tokenizer
-    with pytest.raises(JaonnxError, match="config.json has eos_token_id 7 but"):
-        consistency.special_ids(source, recipe, backend, SimpleNamespace(**{**config, "eos_token_id": 7}))
+    assert ids["eos"] == config["eos_token_id"] and "special_ids_overridden" not in found
+    assert consistency.describe_special(source, found) is None
+    # the config's eos id disagrees with the tokenizer: the tokenizer's id is used and recorded
+    ids, found = consistency.special_ids(source, recipe, backend, SimpleNamespace(**{**config, "eos_token_id": 7}))
+    assert ids["eos"] == backend.piece_to_id("</s>") == config["eos_token_id"]
+    assert found["special_ids_overridden"]["roles"] == {"eos": {"config": 7, "tokenizer": ids["eos"], "token": "</s>"}}
+    line = consistency.describe_special(source, found)
+    assert "eos_token_id 7 but the tokenizer's '</s>' is 3" in line and "\n" not in line
     # special_tokens_map.json names another eos token
     path = source.directory / "special_tokens_map.json"
     path.write_text(json.dumps({**json.loads(path.read_text(encoding="utf-8")), "eos_token": "<eos>"}), encoding="utf-8")
     with pytest.raises(JaonnxError, match="special_tokens_map.json names '<eos>' as the eos token"):
         consistency.special_ids(source, recipe, backend, SimpleNamespace(**config))
+
+
+def test_config_ids_that_disagree_with_the_tokenizer_follow_the_card(twins_dir, tmp_path):
+    """config.json (and generation_config.json) say eos is 2, the tokenizer's '</s>' is 3. The
+    card passes pad/bos/eos from the tokenizer to generate, so transformers run its way stops
+    on 3 and runs through 2; export warns in one line, records the choice, and the runtime
+    generates exactly the card's ids."""
+    import torch
+    import transformers
+
+    from jaonnx_export.export import ExportWarning, export
+
+    twin = tmp_path / "gpt2-small-ja"
+    shutil.copytree(twins_dir / "gpt2-small-ja", twin)
+    tok = hf_tokenizer(twin)
+    eos, config_eos = tok.eos_token_id, tok.bos_token_id
+    assert (eos, config_eos) == (3, 2)
+    model = transformers.GPT2LMHeadModel.from_pretrained(twin).eval()
+    prompt = torch.tensor([tok.encode("近年の機械学習は", add_special_tokens=False)])
+
+    def greedy(**ids: int | None) -> list[int]:
+        with torch.no_grad():
+            return model.generate(prompt, do_sample=False, max_new_tokens=40, **ids)[0, prompt.shape[1]:].tolist()
+
+    # Make greedy decoding emit config's eos early and the tokenizer's eos later (tied head:
+    # each id's logit follows that of the token whose embedding it copies).
+    plain = greedy(eos_token_id=None, pad_token_id=tok.pad_token_id)
+    early, late = plain[1], next(t for t in plain[8:] if t not in plain[:8])
+    with torch.no_grad():
+        model.transformer.wte.weight[config_eos] = 1.3 * model.transformer.wte.weight[early]
+        model.transformer.wte.weight[eos] = 1.3 * model.transformer.wte.weight[late]
+    model.config.eos_token_id = model.generation_config.eos_token_id = config_eos
+    model.save_pretrained(twin)
+    card = greedy(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    assert card[-1] == eos and config_eos in card[:-1] and len(card) < 40, card  # the setup bites
+
+    with pytest.warns(ExportWarning) as caught:
+        manifest = export(str(twin), tmp_path / "art")
+    (warning,) = [str(w.message) for w in caught if w.category is ExportWarning]
+    assert "eos_token_id 2 but the tokenizer's '</s>' is 3" in warning and "\n" not in warning
+    recorded = jaonnx.read_manifest(tmp_path / "art")
+    assert recorded.special_ids["eos"] == manifest.special_ids["eos"] == eos
+    assert recorded.checks["special_ids_overridden"]["roles"]["eos"] == {"config": 2, "tokenizer": 3, "token": "</s>"}
+    result = jaonnx.load(tmp_path / "art").generate("近年の機械学習は", max_new_tokens=40, do_sample=False,
+                                                     return_ids=True)
+    assert result.generated_ids == card
+    assert result.finish_reason == "eos"
 
 
 def test_only_the_tokens_the_task_uses_are_required(twins_dir, tmp_path):

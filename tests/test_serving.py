@@ -158,8 +158,10 @@ def test_concurrent_requests_are_batched(server: Any, models: dict[str, Any]) ->
     for (_, body), r in zip(bodies[len(texts):], responses[len(texts):]):
         want = gen.generate(body["prompt"], max_new_tokens=body["max_new_tokens"], do_sample=False, return_ids=True)
         assert r.json()["results"][0]["generated_ids"] == want.generated_ids
-    assert served["ken11-albert"].worker.stats.max_batch_seen > 1
-    assert served["gpt2-small-ja"].worker.stats.max_batch_seen > 1
+    # batched: two concurrent requests shared one batch (fill-mask) or one decode step (generation),
+    # not merely two rows (one request with two prompts has those)
+    assert served["ken11-albert"].worker.stats.max_requests_seen > 1
+    assert served["gpt2-small-ja"].worker.stats.max_requests_seen > 1
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -202,7 +204,6 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "temperature": 3}, 422, "temperature"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "n": 0}, 422, "n"),
-    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "logprobs": 2, "stream": True}, 400, "logprobs"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": [1, 2, 3]}, 422, "prompt[0]"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京", "stream": True, "max_tokens": 9999},
      400, "max_tokens"),
@@ -282,7 +283,8 @@ def test_client_disconnect_cancels_generation(server: Any, stream: bool) -> None
     url, app = server
     stats = app.state.served["rinna-gpt-1b"].worker.stats
     before = stats.cancelled
-    body = {"model": "rinna-gpt-1b", "prompt": "東京", "max_new_tokens": 200, "min_new_tokens": 200,
+    # 1000 tokens: far more than the twin makes in the 0.3 s before the client hangs up, even on an idle box
+    body = {"model": "rinna-gpt-1b", "prompt": "東京", "max_new_tokens": 1000, "min_new_tokens": 1000,
             "do_sample": False, "stream": stream}
     with httpx.Client(base_url=url, timeout=60) as c:
         if stream:
@@ -291,7 +293,7 @@ def test_client_disconnect_cancels_generation(server: Any, stream: bool) -> None
                 next(r.iter_lines())  # the first token arrived; now hang up
         else:
             with pytest.raises(httpx.ReadTimeout):
-                c.post("/v1/generate", json=body, timeout=0.5)
+                c.post("/v1/generate", json=body, timeout=0.3)
     wait_for(lambda: stats.cancelled == before + 1 and stats.active_rows == 0)
     assert stats.tokens < 10_000
 

@@ -15,8 +15,7 @@ from jaonnx.serving.batcher import FillMaskJob, FillMaskWorker, GenerationJob, G
 
 
 def job(gen: Any, prompt: str, events: queue.Queue[Any], **options: Any) -> GenerationJob:
-    ids = gen.encode(prompt)
-    return GenerationJob(sink=events.put, prompts=[prompt], prompt_ids=[ids], settings=gen.settings(len(ids), **options))
+    return GenerationJob(sink=events.put, inputs=gen.process(prompt, **options))
 
 
 def next_event(events: queue.Queue[Any], timeout: float = 60) -> tuple[str, Any]:
@@ -61,11 +60,25 @@ def test_a_request_joins_and_leaves_a_running_batch(gen: Any) -> None:
         long = result(long_events)
     finally:
         worker.stop()
-    assert worker.stats.max_batch_seen == 2
+    assert worker.stats.max_batch_seen == 2 and worker.stats.max_requests_seen == 2
     want_short = gen.generate("近年の機械学習は", max_new_tokens=6, do_sample=False, return_ids=True)
     want_long = gen.generate("東京は日本の", max_new_tokens=80, min_new_tokens=80, do_sample=False, return_ids=True)
-    assert short[0]["generated_ids"] == want_short.generated_ids and short[0]["text"] == want_short.text
-    assert long[0]["generated_ids"] == want_long.generated_ids
+    assert short[0].generated_ids == want_short.generated_ids and short[0].text == want_short.text
+    assert long[0].generated_ids == want_long.generated_ids
+
+
+def test_one_request_with_two_prompts_is_not_counted_as_batched(gen: Any) -> None:
+    """Two rows in a step are not two requests sharing it: `max_requests_seen` counts requests."""
+    worker = GenerationWorker("g", gen, max_queue=2, max_batch=4)
+    try:
+        events: queue.Queue[Any] = queue.Queue()
+        worker.submit(GenerationJob(sink=events.put, inputs=gen.process(["東京は", "今日は"], max_new_tokens=3,
+                                                                          do_sample=False)))
+        got = result(events)
+    finally:
+        worker.stop()
+    assert [r.prompt for r in got] == ["東京は", "今日は"]
+    assert worker.stats.max_batch_seen == 2 and worker.stats.max_requests_seen == 1
 
 
 def test_streamed_pieces_join_to_the_text_and_cancel_stops(gen: Any) -> None:
@@ -80,8 +93,8 @@ def test_streamed_pieces_join_to_the_text_and_cancel_stops(gen: Any) -> None:
             kind, payload = next_event(events)
             if kind == "result":
                 break
-            pieces.append(payload[1])
-        assert "".join(pieces) == payload[0]["text"]
+            pieces.append(payload.text)
+        assert "".join(pieces) == payload[0].text
         cancelled_events: queue.Queue[Any] = queue.Queue()
         doomed = job(gen, "今日は", cancelled_events, max_new_tokens=100, min_new_tokens=100, do_sample=False)
         worker.submit(doomed)
@@ -98,10 +111,10 @@ def test_fill_mask_batches_and_the_queue_is_bounded(artifacts: dict[str, Path]) 
         events: queue.Queue[Any] = queue.Queue()
         texts = [f"東京は{fm.mask_token}です。", f"大学で{fm.mask_token}の研究", f"{fm.mask_token}は美しい。"]
         for t in texts:
-            worker.submit(FillMaskJob(sink=events.put, texts=[t], top_k=2))
+            worker.submit(FillMaskJob(sink=events.put, inputs=[t], top_k=2))
         with pytest.raises(QueueFull):  # three wait (the worker holds the first for 0.5 s to fill up)
             for _ in range(4):
-                worker.submit(FillMaskJob(sink=events.put, texts=[texts[0]], top_k=2))
+                worker.submit(FillMaskJob(sink=events.put, inputs=[texts[0]], top_k=2))
         got = [events.get(timeout=30) for _ in range(worker.stats.submitted)]
     finally:
         worker.stop()

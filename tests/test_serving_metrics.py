@@ -124,9 +124,22 @@ class HeldWorker:
         self.jobs.append(job)
 
 
+def test_scoring_counts_prompt_tokens_and_generates_none(server: Any) -> None:
+    """/v1/score runs on the engine (one token is made alongside): no generation tokens count."""
+    url, _ = server
+    before = scrape(url)
+    r = httpx.post(url + "/v1/score", json={"model": GPT, "input": ["東京は日本の首都です。", "今日は晴れ。"]}, timeout=60)
+    assert r.status_code == 200, r.text
+    after = scrape(url)
+    assert delta(before, after, "jaonnx:prompt_tokens_total", model_name=GPT) == r.json()["usage"]["prompt_tokens"]
+    assert delta(before, after, "jaonnx:generation_tokens_total", model_name=GPT) == 0
+
+
 def test_gauges_follow_the_workers() -> None:
     from types import SimpleNamespace
 
+    from jaonnx.generation import GenerationResult, SamplingSettings
+    from jaonnx.generation.inputs import ProcessedPrompt
     from jaonnx.serving.batcher import GenerationJob
     from jaonnx.serving.metrics import Metrics
 
@@ -143,12 +156,13 @@ def test_gauges_follow_the_workers() -> None:
             "jaonnx:num_requests_running", "jaonnx:num_requests_waiting", "jaonnx:batch_current_size"))
 
     events: list[Any] = []
-    jobs = [GenerationJob(sink=events.append, prompts=["a"], prompt_ids=[[1, 2]]) for _ in range(3)]
+    inputs = [ProcessedPrompt("a", (1, 2), SamplingSettings(max_new_tokens=2))]
+    jobs = [GenerationJob(sink=events.append, inputs=inputs) for _ in range(3)]
     for job in jobs:
         worker.submit(job)
     held.queued, held.stats.active_rows = 1, 4  # one still queued, two taken up with 4 rows
     assert gauges() == (2, 1, 4)
-    held.jobs[0].sink(("result", [{"generated_ids": [5, 6], "finish_reason": "length"}]))
+    held.jobs[0].sink(("result", [GenerationResult("a", "", [1, 2], [5, 6], "length")]))
     held.jobs[1].sink(("cancelled", None))
     held.queued, held.stats.active_rows = 0, 1
     assert gauges() == (1, 0, 1)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +168,6 @@ def test_generated_token_logprobs_match_transformers(server: Any, gpt2: Any, ech
                          "logprobs": 6}, 422, "logprobs"),
     ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京は", "max_tokens": 0, "echo": True,
                          "suffix": "。"}, 400, "suffix"),
-    ("/v1/completions", {"model": "gpt2-small-ja", "prompt": "東京は", "max_tokens": 4, "logprobs": 2,
-                         "stream": True}, 400, "logprobs"),
 ])
 def test_scoring_errors(server: Any, path: str, body: Any, status: int, field: str) -> None:
     url, _ = server
@@ -187,20 +184,57 @@ def test_one_token_texts(server: Any, gpt2: Any) -> None:
     assert lp["token_logprobs"] == [None] and lp["top_logprobs"] == [None] and lp["text_offset"] == [0]
 
 
-def test_score_gate_answers_503_when_too_many_wait() -> None:
+def test_scoring_runs_on_the_worker_not_the_event_loop(artifacts: dict[str, Path], twins_dir: Path) -> None:
+    """While a long echo + logprobs completion is computed, `/health` still answers at once:
+    its slowest answer meanwhile stays under a fifth of the completion's own time (on the
+    event loop it would wait for the whole forward). The echo logprobs equal transformers'."""
     import threading
+    import time
 
-    from jaonnx.serving.schemas import RequestError
-    from jaonnx.serving.scoring import ScoreGate
+    big = "rinna-gpt-1b"  # the 24-layer twin: a long prompt takes a while to score
+    prompt = "東京は日本の首都です。" * 60
+    body = {"model": big, "prompt": prompt, "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 5}
+    with running_server([artifacts[big]]) as (url, _), httpx.Client(base_url=url, timeout=120) as c:
+        c.post("/v1/completions", json={**body, "prompt": "東京は", "max_tokens": 1})  # warm up
+        done, answer = threading.Event(), {}
 
-    gate, release = ScoreGate(max_waiting=1), threading.Event()
+        def complete() -> None:
+            started = time.perf_counter()
+            answer["response"] = c.post("/v1/completions", json=body)
+            answer["seconds"] = time.perf_counter() - started
+            done.set()
 
-    async def main() -> list[Any]:
-        held = [asyncio.create_task(gate.run("m", release.wait)) for _ in range(2)]  # one runs, one waits
-        await asyncio.sleep(0.05)
-        with pytest.raises(RequestError) as refused:
-            await gate.run("m", lambda: None)
-        release.set()
-        return [refused.value.status, *(await asyncio.gather(*held))]
+        thread = threading.Thread(target=complete)
+        thread.start()
+        health = []
+        while not done.is_set():
+            started = time.perf_counter()
+            assert c.get("/health").status_code == 200
+            health.append(time.perf_counter() - started)
+            time.sleep(0.005)
+        thread.join()
+    r = answer["response"]
+    assert r.status_code == 200, r.text
+    assert len(health) >= 5, (health, answer["seconds"])  # /health kept answering while it ran
+    assert max(health) < answer["seconds"] / 5, (max(health), answer["seconds"])
+    lp = r.json()["choices"][0]["logprobs"]
+    ids = jaonnx.load(artifacts[big]).encode(prompt)
+    want = reference(hf_model(twins_dir / big), ids)
+    np.testing.assert_allclose(lp["token_logprobs"][1:len(ids)], want[np.arange(len(ids) - 1), ids[1:]], rtol=1e-4)
 
-    assert asyncio.run(main()) == [503, True, True]
+
+def test_more_texts_than_a_batch_are_scored_in_parts(artifacts: dict[str, Path], gpt2: Any) -> None:
+    """`/v1/score` and echo scoring take more texts than `max_batch_size`: they run in parts."""
+    gen, model = gpt2
+    items = [f"{i}番目の文は東京です。" for i in range(5)]
+    with running_server([artifacts["gpt2-small-ja"]], max_batch_size=2) as (url, _):
+        score = httpx.post(url + "/v1/score", json={"model": "gpt2-small-ja", "input": items}, timeout=60)
+        echo = httpx.post(url + "/v1/completions", timeout=60, json={
+            "model": "gpt2-small-ja", "prompt": items, "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert score.status_code == 200 and echo.status_code == 200, (score.text, echo.text)
+    for text, d, choice in zip(items, score.json()["data"], echo.json()["choices"]):
+        ids = gen.encode(text)
+        want = reference(model, ids)[np.arange(len(ids) - 1), ids[1:]]
+        assert d["text"] == text == choice["text"]
+        np.testing.assert_allclose(d["token_logprobs"], want, rtol=1e-4)
+        np.testing.assert_allclose(choice["logprobs"]["token_logprobs"][1:], want, rtol=1e-4)

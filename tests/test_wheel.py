@@ -116,3 +116,18 @@ def test_serve_from_the_wheel(installed: Any, artifacts: dict[str, Path]) -> Non
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert key not in err
+
+
+def test_export_commands_come_from_the_entry_point_and_name_the_missing_extra(installed: Any) -> None:
+    """The wheel declares `jaonnx.commands`: the export commands are listed; without torch
+    (this venv has [cpu,serve] only) running one is a one-line error naming the extra."""
+    bin_dir, env, _, work = installed
+    listing = run([str(bin_dir / "jaonnx"), "--help"], work, env).stdout
+    assert all(f" {c} " in listing for c in ("export", "twins", "demo"))
+    points = run([str(bin_dir / "python"), "-c", "from importlib.metadata import entry_points; "
+                  "print([e.value for e in entry_points(group='jaonnx.commands')])"], work, env).stdout
+    assert points.strip() == "['jaonnx_export.commands:register']"
+    proc = subprocess.run([str(bin_dir / "jaonnx"), "export", "rinna/japanese-roberta-base", "-o", str(work / "x")],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "needs the export extra (torch is missing): pip install 'jaonnx[cpu,export]'" in proc.stderr

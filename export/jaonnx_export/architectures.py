@@ -1,30 +1,125 @@
 """One export adapter per transformers architecture, registered by class name.
 
-An adapter knows the wrapper module, the graph's input/output names and dynamic axes, example
-inputs for tracing, and the facts the runtime needs (usable positions, KV-cache shape).
+As CTranslate2 registers its loaders (`@register_loader("BertConfig")`), each adapter class
+registers itself for the transformers classes it exports (`@register("GPT2LMHeadModel")`);
+`adapter_for` finds it. An adapter knows how its model becomes a graph: the wrapper module,
+the graph's inputs/outputs and dynamic axes, example inputs for tracing, the KV-cache layouts
+it can build, and the facts the runtime needs (usable positions, KV-cache shape). It knows
+nothing of parity or quality: those are per task (parity.py, quality.py).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from jaonnx.artifact import DecoderShape
+from jaonnx.errors import JaonnxError
 from jaonnx.recipes import Recipe
 
+from . import decoder_graph
+from .onnx_files import trace
 from .wrappers import CausalLMWithPast, MaskedLMWithPositions, conv1d_as_linear
+
+KV_LAYOUTS = ("static", "concat")  # see decoder_graph.py (static) and wrappers.py (concat)
 
 
 @dataclass(frozen=True)
-class MaskedLMAdapter:
-    head: str = "lm_head"  # the MLM head module of the transformers class
-    task: str = "fill-mask"
-    position_margin: int = 0  # rows of the position table the model never uses
+class GraphIO:
+    """What the graph an adapter writes takes and gives, as the manifest records it."""
 
-    def wrap(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+    inputs: dict[str, str]  # name -> element type, in graph order
+    outputs: dict[str, str]
+    decoder: DecoderShape | None = None
+    fusable: bool = True  # ORT's offline transformer fusions apply (traced graphs only)
+
+
+class Architecture(ABC):
+    """Base of the adapters. The defaults describe a traced graph without a KV cache."""
+
+    task: ClassVar[str]
+    kv_layouts: ClassVar[tuple[str, ...]] = ()  # the KV-cache layouts it can build; () = no cache
+
+    @abstractmethod
+    def wrap(self, model: nn.Module, recipe: Recipe | None) -> nn.Module:
+        """The torch module that is traced: the model with the graph's inputs and outputs."""
+
+    @abstractmethod
+    def names(self, config: Any) -> tuple[list[str], list[str]]:
+        """Input and output names of the traced graph."""
+
+    @abstractmethod
+    def dynamic_axes(self, config: Any) -> dict[str, dict[int, str]]: ...
+
+    @abstractmethod
+    def example_inputs(self, config: Any) -> tuple[torch.Tensor, ...]: ...
+
+    @abstractmethod
+    def max_positions(self, config: Any) -> int:
+        """Positions the runtime may use."""
+
+    def decoder_shape(self, config: Any) -> DecoderShape | None:
+        return None
+
+    def input_dtypes(self, config: Any) -> dict[str, str]:
+        return {name: "int64" for name in self.names(config)[0]}
+
+    def kv_layout(self, config: Any, requested: str | None, step: Callable[[str], None]) -> str | None:
+        """The KV-cache layout to build (`requested` is already one of KV_LAYOUTS or None)."""
+        if requested is not None:
+            raise JaonnxError(f"--kv-cache applies to text-generation models, not {self.task}: leave it out")
+        return None
+
+    def graph_io(self, config: Any, layout: str | None) -> GraphIO:
+        inputs, outputs = self.names(config)
+        return GraphIO(self.input_dtypes(config), {name: "float32" for name in outputs}, self.decoder_shape(config))
+
+    def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
+                    *, quantized: bool = False) -> None:
+        """Write the graph to `target` (model.onnx in a scratch directory)."""
+        trace(self.wrap(model, recipe), self, model.config, target)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+A = TypeVar("A", bound=type[Architecture])
+
+
+def register(*architectures: str) -> Callable[[A], A]:
+    """Class decorator: one instance of the class exports each named transformers class."""
+
+    def add(cls: A) -> A:
+        for name in architectures:
+            if name in ARCHITECTURES:
+                raise ValueError(f"{name} already has an adapter: {type(ARCHITECTURES[name]).__name__}")
+            ARCHITECTURES[name] = cls()
+        return cls
+
+    return add
+
+
+def adapter_for(architecture: str) -> Architecture:
+    adapter = ARCHITECTURES.get(architecture)
+    if adapter is None:
+        raise JaonnxError(f"no exporter for {architecture}: add one to jaonnx_export.architectures")
+    return adapter
+
+
+class MaskedLM(Architecture):
+    """Encoders with an MLM head: logits at the requested mask positions only."""
+
+    task = "fill-mask"
+    head: ClassVar[str]  # the MLM head module of the transformers class
+    position_margin: ClassVar[int] = 0  # rows of the position table the model never uses
+
+    def wrap(self, model: nn.Module, recipe: Recipe | None) -> nn.Module:
+        if recipe is None:
+            raise ValueError("a masked LM needs its recipe (position_start, token_type_ids)")
         return MaskedLMWithPositions(model, self.head, recipe.position_start, recipe.token_type_ids).eval()
 
     def names(self, config: Any) -> tuple[list[str], list[str]]:
@@ -42,28 +137,36 @@ class MaskedLMAdapter:
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings) - self.position_margin
 
-    def decoder_shape(self, config: Any) -> DecoderShape | None:
-        return None
 
-    def input_dtypes(self, config: Any) -> dict[str, str]:
-        return {name: "int64" for name in self.names(config)[0]}
-
-    def parity_reference(self, model: nn.Module, tokenizer: Any, texts: list[str] | None) -> Any:
-        from .references import fill_mask_reference
-
-        return fill_mask_reference(model, tokenizer, texts)
-
-    def runtime_logits(self, directory: Any, manifest: Any, reference: Any) -> list[Any]:
-        from .parity import fill_mask_logits
-
-        return fill_mask_logits(directory, manifest, reference)
+@register("RobertaForMaskedLM")
+class Roberta(MaskedLM):
+    # RoBERTa reserves rows 0..padding_idx of its table for transformers' offset scheme; with
+    # positions from 0 the usable length is still max_position_embeddings - 2 (512).
+    head = "lm_head"
+    position_margin = 2
 
 
-@dataclass(frozen=True)
-class CausalLMAdapter:
-    task: str = "text-generation"
+@register("BertForMaskedLM")
+class Bert(MaskedLM):
+    head = "cls"
 
-    def wrap(self, model: nn.Module, recipe: Recipe) -> nn.Module:
+
+@register("AlbertForMaskedLM")
+class Albert(MaskedLM):
+    head = "predictions"
+
+
+@register("GPT2LMHeadModel")
+class GPT2(Architecture):
+    """GPT-2 decoders, in either KV-cache layout: "static" is built node by node
+    (decoder_graph.py, preallocated cache written in place), "concat" is traced (wrappers.py,
+    a new cache every step). Static is the default where the config allows it."""
+
+    task = "text-generation"
+    kv_layouts = KV_LAYOUTS
+    default_layout: ClassVar[str] = "static"
+
+    def wrap(self, model: nn.Module, recipe: Recipe | None) -> nn.Module:
         traced = conv1d_as_linear(model)  # a copy: parity compares against the untouched model
         return CausalLMWithPast(traced, self.decoder_shape(model.config).num_layers).eval()
 
@@ -111,24 +214,40 @@ class CausalLMAdapter:
     def input_dtypes(self, config: Any) -> dict[str, str]:
         return {name: ("float32" if name.startswith("past") else "int64") for name in self.names(config)[0]}
 
-    def parity_reference(self, model: nn.Module, tokenizer: Any, texts: list[str] | None) -> Any:
-        from .references import generation_reference
+    def kv_layout(self, config: Any, requested: str | None, step: Callable[[str], None]) -> str:
+        """Static where GroupQueryAttention takes this config; asked-for static that cannot be
+        built is an error, the default falls back to concat with a progress line."""
+        layout = requested or self.default_layout
+        if layout == "static" and (reason := decoder_graph.supported(config)):
+            if requested == "static":
+                raise JaonnxError(f"{reason}: export with --kv-cache concat")
+            step(f"{reason}: using the concat KV cache")
+            return "concat"
+        return layout
 
-        return generation_reference(model, tokenizer, texts)
+    def graph_io(self, config: Any, layout: str | None) -> GraphIO:
+        if layout != "static":
+            return super().graph_io(config, layout)
+        inputs, outputs = decoder_graph.names(self.decoder_shape(config).num_layers)
+        # Built from fused ops already; the fusion timing feeds are concat-style.
+        return GraphIO(inputs, outputs, decoder_graph.decoder_shape(config), fusable=False)
 
-    def runtime_logits(self, directory: Any, manifest: Any, reference: Any) -> list[Any]:
-        from .parity import generation_logits
+    def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
+                    *, quantized: bool = False) -> None:
+        if layout == "static":
+            decoder_graph.build(model, target)
+            return
+        if quantized:
+            untie_lm_head(model)
+        super().write_graph(model, recipe, layout, target)
 
-        return generation_logits(directory, manifest, reference)
 
-
-Adapter = MaskedLMAdapter | CausalLMAdapter
-
-ARCHITECTURES: dict[str, Adapter] = {
-    # RoBERTa reserves rows 0..padding_idx of its table for transformers' offset scheme; with
-    # positions from 0 the usable length is still max_position_embeddings - 2 (512).
-    "RobertaForMaskedLM": MaskedLMAdapter(head="lm_head", position_margin=2),
-    "BertForMaskedLM": MaskedLMAdapter(head="cls"),
-    "AlbertForMaskedLM": MaskedLMAdapter(head="predictions"),
-    "GPT2LMHeadModel": CausalLMAdapter(),
-}
+def untie_lm_head(model: Any) -> None:
+    """Give the LM head its own copy of a tied embedding: a head that reads the shared table
+    (through a Transpose) is left fp32 by int8 quantization, which halves int8 decode speed."""
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    if head is None or embeddings is None or head.weight is not embeddings.weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False

@@ -33,12 +33,18 @@ def check_vocab(source: Source, config_vocab: int, tokenizer_size: int) -> dict[
 
 
 def special_ids(source: Source, recipe: Recipe, backend: Backend, config: Any) -> tuple[dict[str, int], dict[str, Any]]:
-    """Ids of the recipe's special tokens. Only the roles the task uses must exist; each role
-    must agree with special_tokens_map.json and with the config's `<role>_token_id`."""
+    """Ids of the recipe's special tokens, read from the tokenizer. Only the roles the task uses
+    must exist, and each must agree with special_tokens_map.json.
+
+    Where config.json's `<role>_token_id` disagrees with the tokenizer, the tokenizer wins: the
+    model cards pass pad/bos/eos from the tokenizer to `generate`, so that is how the model
+    runs in transformers. The disagreement is recorded (`special_ids_overridden`) and
+    `describe_special` words the warning."""
     used = recipe.roles_used()
     declared = read_json(source.directory / "special_tokens_map.json")
     ids: dict[str, int] = {}
     skipped: list[str] = []
+    overridden: dict[str, dict[str, int]] = {}
     for role, token in recipe.special.items():
         named = declared.get(f"{role}_token")
         named = named.get("content") if isinstance(named, dict) else named
@@ -57,13 +63,27 @@ def special_ids(source: Source, recipe: Recipe, backend: Backend, config: Any) -
             skipped.append(role)
             continue
         configured = getattr(config, f"{role}_token_id", None)
-        if role in used and isinstance(configured, int) and configured != token_id:
-            raise JaonnxError(
-                f"{source.directory / 'config.json'} has {role}_token_id {configured} but the tokenizer's "
-                f"{token!r} is {token_id}: fix config.json or pass the right --recipe"
-            )
+        if isinstance(configured, int) and not isinstance(configured, bool) and configured != token_id:
+            overridden[role] = {"config": configured, "tokenizer": token_id, "token": token}
         ids[role] = token_id
-    return ids, {"special_tokens_checked": list(used), "special_tokens_absent": skipped}
+    found: dict[str, Any] = {"special_tokens_checked": list(used), "special_tokens_absent": skipped}
+    if overridden:
+        found["special_ids_overridden"] = {
+            "roles": overridden,
+            "used": "tokenizer (the model card passes pad/bos/eos from the tokenizer to generate)",
+        }
+    return ids, found
+
+
+def describe_special(source: Source, report: dict[str, Any]) -> str | None:
+    """One warning line naming every config.json id the tokenizer overrode, or None."""
+    roles = report.get("special_ids_overridden", {}).get("roles")
+    if not roles:
+        return None
+    parts = ", ".join(f"{role}_token_id {v['config']} but the tokenizer's {v['token']!r} is {v['tokenizer']}"
+                      for role, v in roles.items())
+    return (f"{source.directory / 'config.json'} has {parts}: using the tokenizer's "
+            f"{'id' if len(roles) == 1 else 'ids'}, as the model card does (recorded in jaonnx.json)")
 
 
 def generation_report(source: Source, recipe: Recipe) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
@@ -19,15 +20,19 @@ from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
 from jaonnx.tokenization import RecipeTokenizer, load_backend
 
-from . import consistency, decoder_graph
-from .architectures import ARCHITECTURES, Adapter
+from . import consistency
+from .architectures import KV_LAYOUTS, Architecture, adapter_for
 from .genai import write_genai_files
-from .onnx_files import MODEL_FILE, OPSET, ExternalData, save, trace
+from .onnx_files import MODEL_FILE, OPSET, ExternalData, save
 from .sources import Source, resolve
 from .staging import Staging
 
 Progress = Callable[[str], None]
-DEFAULT_KV_CACHE = "static"  # decoders whose shape GroupQueryAttention takes; else concat
+
+
+class ExportWarning(UserWarning):
+    """Something export accepted but a user should know (the Python API's channel; the CLI
+    shows the same line as a progress step)."""
 
 
 def _versions() -> dict[str, str]:
@@ -46,11 +51,20 @@ def _check_parity_atol(parity_atol: float | None) -> None:
         raise JaonnxError(f"--parity-atol must be a positive number, not {parity_atol!r}")
 
 
-def _adapter(source: Source) -> Adapter:
-    adapter = ARCHITECTURES.get(source.recipe.architecture)
-    if adapter is None:
-        raise JaonnxError(f"no exporter for {source.recipe.architecture}: add one to jaonnx_export.architectures")
-    return adapter
+def _check_kv_cache(kv_cache: str | None, adapter: Architecture) -> None:
+    """Before loading anything: a known layout, asked of a model that has a KV cache."""
+    if kv_cache not in (None, *KV_LAYOUTS):
+        raise JaonnxError(f"--kv-cache must be static or concat, not {kv_cache!r}")
+    if kv_cache is not None and not adapter.kv_layouts:
+        raise JaonnxError(f"--kv-cache applies to text-generation models, not {adapter.task}: leave it out")
+
+
+def _warn(progress: Progress | None, line: str) -> None:
+    """One warning line: a progress step when there is a progress display, else a Python warning."""
+    if progress is not None:
+        progress(f"warning: {line}")
+    else:
+        warnings.warn(line, ExportWarning, stacklevel=3)
 
 
 def _load_model(source: Source) -> Any:
@@ -115,6 +129,7 @@ def export(
     `out` changes only if every check passes."""
     from . import precision
     from .parity import check_parity
+    from .references import parity_reference
 
     step = progress or (lambda _msg: None)
     options = precision.Options(quantize, dtype, optimize, force, int4_block or precision.rewrite.INT4_BLOCK, lm_head,
@@ -122,21 +137,18 @@ def export(
     options.check()
     _check_parity_atol(parity_atol)
     source = resolve(src, recipe_id)
-    recipe, adapter = source.recipe, _adapter(source)
-    static = _static_kv(kv_cache, adapter.task)
+    recipe, adapter = source.recipe, adapter_for(source.recipe.architecture)
+    _check_kv_cache(kv_cache, adapter)
 
     with Staging(Path(out)) as stage:
         work = stage.work
         step(f"loading {source.name} ({recipe.architecture}, recipe {recipe.id})")
         model = _load_model(source)
         config = model.config
-        if static and (reason := decoder_graph.supported(config)):
-            if kv_cache == "static":
-                raise JaonnxError(f"{reason}: export with --kv-cache concat")
-            step(f"{reason}: using the concat KV cache")
-            static = False
-        if static:
-            options.optimize = False  # built from fused ops; the fusion timing feeds are concat-style
+        layout = adapter.kv_layout(config, kv_cache, step)
+        graph = adapter.graph_io(config, layout)
+        if not graph.fusable:
+            options.optimize = False
         convert = bool(quantize or dtype != "fp32" or options.optimize is not False)
 
         step("checking the tokenizer and special tokens against the checkpoint")
@@ -144,38 +156,29 @@ def export(
         backend = load_backend(recipe.tokenizer_backend, work / recipe.tokenizer_file)
         checks = consistency.check_vocab(source, int(config.vocab_size), backend.vocab_size)
         special_ids, found = consistency.special_ids(source, recipe, backend, config)
+        if line := consistency.describe_special(source, found):
+            _warn(progress, line)
         checks |= found | consistency.generation_report(source, recipe)
         if line := consistency.describe_generation(checks):
             step(line)
         tokenizer = RecipeTokenizer(recipe, backend, special_ids)
-        inputs, outputs = adapter.input_dtypes(config), adapter.names(config)[1]
-        decoder_shape = adapter.decoder_shape(config)
-        if static:
-            inputs, static_outputs = decoder_graph.names(decoder_shape.num_layers)
-            outputs, decoder_shape = list(static_outputs), decoder_graph.decoder_shape(config)
         manifest = Manifest(
             recipe=recipe.id, task=adapter.task, model_file=MODEL_FILE, tokenizer_file=recipe.tokenizer_file,
             special_ids=special_ids, vocab_size=int(config.vocab_size), max_positions=adapter.max_positions(config),
-            inputs=inputs, outputs={name: "float32" for name in outputs}, opset=OPSET, source=source.name,
-            decoder=decoder_shape, versions=_versions(), recipe_spec=recipe,
+            inputs=graph.inputs, outputs=graph.outputs, opset=OPSET, source=source.name,
+            decoder=graph.decoder, versions=_versions(), recipe_spec=recipe,
             tokenizer_size=backend.vocab_size, checks=checks,
             batch_invariant=True,  # fp32; a conversion records its own (precision.convert)
         )
 
         step("computing PyTorch reference logits")
-        parity_ref = adapter.parity_reference(model, tokenizer, parity_texts)
+        parity_ref = parity_reference(adapter.task, model, tokenizer, parity_texts)
         quality_ref = _quality_reference(model, manifest, tokenizer) if convert else None
 
         traced = work / ".traced" / MODEL_FILE
         traced.parent.mkdir()
-        if static:
-            step("building the static-KV-cache decoder graph")
-            decoder_graph.build(model, traced)
-        else:
-            step("tracing the ONNX graph")
-            if quantize:
-                _untie_lm_head(model)
-            trace(adapter.wrap(model, recipe), adapter, config, traced)
+        step("building the static-KV-cache decoder graph" if layout == "static" else "tracing the ONNX graph")
+        adapter.write_graph(model, recipe, layout, traced, quantized=bool(quantize))
         del model
         gc.collect()  # free the PyTorch weights before ONNX Runtime loads its copy
 
@@ -184,7 +187,7 @@ def export(
         shutil.rmtree(traced.parent)
 
         step("checking parity against PyTorch")
-        manifest.parity = check_parity(adapter, work, manifest, parity_ref, parity_atol)
+        manifest.parity = check_parity(work, manifest, parity_ref, parity_atol)
         if convert:
             precision.convert(config, quality_ref, work, manifest, options, step)
         if write_genai_files(work, manifest, config):
@@ -192,30 +195,6 @@ def export(
         manifest.write(work)
         stage.commit()
     return manifest
-
-
-def _static_kv(kv_cache: str | None, task: str) -> bool:
-    """Whether to build the in-place KV-cache graph; only decoders have a cache."""
-    if kv_cache not in (None, "concat", "static"):
-        raise JaonnxError(f"--kv-cache must be static or concat, not {kv_cache!r}")
-    if task != "text-generation":
-        if kv_cache is not None:
-            raise JaonnxError(f"--kv-cache applies to text-generation models, not {task}: leave it out")
-        return False
-    return (kv_cache or DEFAULT_KV_CACHE) == "static"
-
-
-def _untie_lm_head(model: Any) -> None:
-    """Give the LM head its own copy of a tied embedding: a head that reads the shared table
-    (through a Transpose) is left fp32 by int8 quantization, which halves int8 decode speed."""
-    import torch
-
-    head = model.get_output_embeddings()
-    embeddings = model.get_input_embeddings()
-    if head is None or embeddings is None or head.weight is not embeddings.weight:
-        return
-    head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
 
 
 def _quality_reference(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer) -> Any:

@@ -12,6 +12,7 @@ from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
 
 from .references import DECODE_STEPS, ParityReference
+from .runtime_logits import RuntimeLogits
 
 
 def tolerance(reference: list[np.ndarray]) -> float:
@@ -19,39 +20,21 @@ def tolerance(reference: list[np.ndarray]) -> float:
     return max(1e-3, 1e-4 * max(float(np.abs(r).max()) for r in reference))
 
 
-def fill_mask_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
-    from jaonnx.fill_mask import FillMask
-
-    fm = FillMask(directory, manifest, providers="cpu")
-    rows = [fm.encode(text)["input_ids"] for text in ref.texts]
-    if rows != ref.rows:
+def runtime_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
+    """The artifact's logits for each reference row: decoders prefill the prompt and then take
+    the reference's greedy tokens one step at a time; encoders run every position, after
+    checking that FillMask encodes each text to the reference's ids."""
+    run = RuntimeLogits(directory, manifest)
+    if ref.prompt_lengths:
+        return [run.decode(row, n) for row, n in zip(ref.rows, ref.prompt_lengths)]
+    if [run.model.encode(text)["input_ids"] for text in ref.texts] != ref.rows:
         raise JaonnxError("parity check failed: FillMask.encode disagrees with the reference ids (a jaonnx bug)")
-    logits = fm.logits(rows, every_position=True)
-    return [logits[i, : len(r)] for i, r in enumerate(rows)]
+    return run.every_position(ref.rows)
 
 
-def generation_logits(directory: Path, manifest: Manifest, ref: ParityReference) -> list[np.ndarray]:
-    """Each prompt's logits at every position, then the reference's greedy tokens fed one at a
-    time through the engine's own batch (either KV-cache layout)."""
-    from jaonnx.generation import TextGenerator
-
-    generator = TextGenerator(directory, manifest, providers="cpu", cache=False)  # export files: no graph cache
-    found = []
-    for row, n in zip(ref.rows, ref.prompt_lengths):
-        batch = generator.new_batch()
-        steps = [batch.logits(row[:n])]
-        batch.add([row[:n]], reserve=len(row))
-        for i in range(n, len(row)):
-            steps.append(batch.step(np.array([[row[i]]]))[0])
-        found.append(np.concatenate(steps)[: len(row)])
-    return found
-
-
-def check_parity(
-    adapter: Any, directory: Path, manifest: Manifest, ref: ParityReference, atol: float | None = None
-) -> dict[str, Any]:
+def check_parity(directory: Path, manifest: Manifest, ref: ParityReference, atol: float | None = None) -> dict[str, Any]:
     """Max |logit diff| and top-1 agreement; above the tolerance (or `atol`) is an error."""
-    found = adapter.runtime_logits(directory, manifest, ref)
+    found = runtime_logits(directory, manifest, ref)
     # Only ids the tokenizer can decode: the runtime masks the rest of a padded table.
     cut = manifest.tokenizer_size
     found = [f[..., :cut] for f in found]

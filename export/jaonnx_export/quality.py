@@ -1,5 +1,5 @@
 """The quality report: what a conversion (int8, int4, fp16, fusions) cost against the fp32
-PyTorch model, measured through the runtime's own code paths (FillMask, DecoderSession),
+PyTorch model, measured through the runtime's own classes (runtime_logits.py, shared with parity),
 and the gate that refuses an artifact below MIN_TOP1_AGREEMENT unless forced."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import numpy as np
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
 from jaonnx.tokenization import RecipeTokenizer
+
+from .runtime_logits import RuntimeLogits
 
 MIN_TOP1_AGREEMENT = 0.95  # below this a converted artifact is an error unless forced
 QUALITY_TEXTS = 64  # held-out sentences used for the quality report
@@ -55,44 +57,23 @@ def reference_logits(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer,
     return ref
 
 
-def _runtime_logits(directory: Path, manifest: Manifest) -> Any:
-    """rows -> logits [rows, width, vocab] at every position, by the runtime's own classes."""
-    if manifest.task == "fill-mask":
-        from jaonnx.fill_mask import FillMask
-
-        fill_mask = FillMask(directory, manifest, providers="cpu", cache=False)  # export temp files: no cache
-        return lambda rows: fill_mask.logits(rows, [list(range(len(r))) for r in rows])
-    from jaonnx.generation import TextGenerator
-
-    generator = TextGenerator(directory, manifest, providers="cpu", cache=False)  # either KV layout
-
-    def prefill(rows: list[list[int]]) -> np.ndarray:
-        (ids,) = rows
-        return generator.new_batch().logits(ids)[None]
-
-    return prefill
-
-
 def quality_report(directory: Path, manifest: Manifest, reference: Reference) -> dict[str, Any]:
     """Max |logit diff| and top-1 agreement of the artifact graph in `directory` against `reference`."""
-    run = _runtime_logits(directory, manifest)
+    run = RuntimeLogits(directory, manifest)
     worst, agree, total, mask_agree, mask_total = 0.0, 0, 0, 0, 0
     cut = manifest.tokenizer_size  # a padded table: the runtime masks ids the tokenizer lacks
     for i, (rows, expected) in enumerate(zip(reference.rows, reference.logits)):
-        got = np.asarray(run(rows), dtype=np.float32)[..., :cut]
-        expected = expected[..., :cut]
-        keep = np.zeros(got.shape[:2], dtype=bool)
-        for r, row in enumerate(rows):
-            keep[r, : len(row)] = True
-        expected = expected[:, : got.shape[1]]
-        worst = max(worst, float(np.abs(got - expected)[keep].max()))
-        same = got.argmax(-1) == expected.argmax(-1)
-        agree += int(same[keep].sum())
-        total += int(keep.sum())
-        if reference.masks:
-            masked = reference.masks[i][:, : got.shape[1]] & keep
-            mask_agree += int(same[masked].sum())
-            mask_total += int(masked.sum())
+        for r, got in enumerate(run.every_position(rows)):
+            got = np.asarray(got, dtype=np.float32)[:, :cut]
+            want = expected[r, : len(got), :cut]
+            worst = max(worst, float(np.abs(got - want).max()))
+            same = got.argmax(-1) == want.argmax(-1)
+            agree += int(same.sum())
+            total += len(same)
+            if reference.masks:
+                masked = reference.masks[i][r, : len(same)]
+                mask_agree += int(same[masked].sum())
+                mask_total += int(masked.sum())
     report: dict[str, Any] = {
         "reference": "fp32 PyTorch (transformers), held-out sentences",
         "texts": sum(len(rows) for rows in reference.rows),

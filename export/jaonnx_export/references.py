@@ -89,7 +89,13 @@ def generation_reference(model: Any, tokenizer: RecipeTokenizer, texts: list[str
     return ref
 
 
-# Feed builders the precision quality report uses (precision.py imports them from parity.py).
+def parity_reference(task: str, model: Any, tokenizer: RecipeTokenizer, texts: list[str] | None = None) -> ParityReference:
+    """The reference the task's parity check compares against (adapters know nothing of it)."""
+    builders = {"fill-mask": fill_mask_reference, "text-generation": generation_reference}
+    return builders[task](model, tokenizer, texts)
+
+
+# The masked batch the quality report feeds (quality.reference_logits).
 def masked_batch(tokenizer: RecipeTokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Each text with its middle token masked after tokenization, right-padded into a batch."""
     rows = []

@@ -1,5 +1,9 @@
-"""The `jaonnx` command. Export-side commands import `jaonnx_export` lazily, inside the command,
-so the runtime commands never load torch or transformers."""
+"""The `jaonnx` command: the runtime's commands, plus those other packages register.
+
+The export half's `export`, `twins` and `demo` come from `jaonnx_export` through the
+`jaonnx.commands` entry point group (see `PluginGroup`): this module never imports the
+exporter, and the plugins load only when a command the runtime lacks is looked up or the
+commands are listed, so `jaonnx generate` never loads them."""
 
 from __future__ import annotations
 
@@ -13,17 +17,16 @@ import typer
 from rich.console import Console
 
 from .errors import JaonnxError
-from .progress import steps
+from .plugins import PluginGroup
 
 app = typer.Typer(
+    cls=PluginGroup,
     help="Fast, torch-free ONNX inference for Japanese sentencepiece transformer models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 out = Console()
-VERBOSE = typer.Option("--verbose", "-v", help="Show third-party warnings and progress bars.")
 
 
 def _print_version(value: bool) -> None:
@@ -46,16 +49,6 @@ def _json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False, indent=2) + "\n")
 
 
-def _need_export() -> Any:
-    try:
-        import jaonnx_export.export as export_module
-    except ImportError as exc:
-        raise JaonnxError(
-            f"export needs the export extra ({exc.name} is missing): pip install 'jaonnx[cpu,export]'"
-        ) from None
-    return export_module
-
-
 @app.command()
 def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the supported models (recipes) and their quirks."""
@@ -69,79 +62,6 @@ def recipes(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     for row in rows:
         out.print(f"[bold]{row['id']}[/bold]  {row['hub_id']}  ({row['task']}, {row['architecture']})")
         out.print(f"    {row['notes']}")
-
-
-@app.command()
-def twins(
-    out_dir: Annotated[Path, typer.Argument(help="Directory to write one checkpoint per model into.")],
-    recipe: Annotated[Optional[list[str]], typer.Option("--recipe", "-r", help="Only these recipes.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    verbose: Annotated[bool, VERBOSE] = False,
-) -> None:
-    """Build the offline twins: small trained checkpoints shaped like the five real models."""
-    try:
-        from jaonnx_export.twins import TWINS, build_twins
-    except ImportError as exc:
-        raise JaonnxError(f"twins need the export extra ({exc.name} is missing): pip install 'jaonnx[cpu,export]'") from None
-    from jaonnx_export.quiet import quiet_third_party
-
-    for r in recipe or []:
-        if r not in TWINS:
-            raise JaonnxError(f"no twin for recipe {r!r}: use one of {', '.join(TWINS)}")
-    with quiet_third_party(verbose), steps(err) as step:
-        built = {}
-        for recipe_id in recipe or list(TWINS):
-            step(f"building the {recipe_id} twin")
-            built |= build_twins(out_dir, [recipe_id])
-    if as_json:
-        _json({k: str(v) for k, v in built.items()})
-    else:
-        for k, v in built.items():
-            out.print(f"{k}\t{v}")
-
-
-@app.command()
-def export(
-    src: Annotated[str, typer.Argument(help="Hub id (e.g. rinna/japanese-roberta-base) or checkpoint directory.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Artifact directory to write.")],
-    recipe: Annotated[Optional[str], typer.Option(help="Recipe id; detected from the checkpoint when omitted.")] = None,
-    external_data: Annotated[str, typer.Option(help="auto | always | never: weights in model.onnx.data.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
-    quantize: Annotated[Optional[str], typer.Option(help="int8 | int4: quantized weights, for CPU.")] = None,
-    dtype: Annotated[str, typer.Option(help="fp32 | fp16 (fp16 is for CUDA).")] = "fp32",
-    optimize: Annotated[Optional[bool], typer.Option(
-        "--optimize/--no-optimize", help="ORT transformer fusions: on / off (default: kept only where measured faster).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Keep a converted artifact below the quality gate.")] = False,
-    int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default 32).")] = None,
-    lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
-    embedding: Annotated[str, typer.Option(help="int8/int4 artifacts: the token embedding table as int8 | int4 | fp32.")] = "fp32",
-    kv_cache: Annotated[Optional[str], typer.Option(
-        "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
-    parity_atol: Annotated[Optional[float], typer.Option("--parity-atol", help="Accept a larger max |logit diff| (recorded in the manifest).")] = None,
-    verbose: Annotated[bool, VERBOSE] = False,
-) -> None:
-    """Export a checkpoint to an ONNX artifact and check it against PyTorch.
-
-    The artifact is built next to OUTPUT and moved into place only when every check passes."""
-    if external_data not in ("auto", "always", "never"):
-        raise JaonnxError(f"--external-data must be auto, always or never, not {external_data!r}")
-    export_module = _need_export()
-    from jaonnx_export.quiet import quiet_third_party
-
-    with quiet_third_party(verbose), steps(err) as step:
-        manifest = export_module.export(
-            src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
-            quantize=quantize, dtype=dtype, optimize=optimize, force=force, kv_cache=kv_cache,
-            int4_block=int4_block, lm_head=lm_head, embedding=embedding, parity_atol=parity_atol, progress=step,
-        )
-    if as_json:
-        sys.stdout.write(manifest.to_json() + "\n")
-        return
-    parity = manifest.parity
-    out.print(
-        f"wrote {output} ({manifest.recipe}, {manifest.task}); parity: max |logit diff| "
-        f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.3f}"
-    )
 
 
 @app.command("fill-mask")
@@ -181,9 +101,6 @@ def _load_generator(artifact: Path, providers: str) -> Any:
     return model
 
 
-CLI_FLAGS = {"max_new_tokens": ("--max-new-tokens", "-n"), "do_sample": ("--sample/--greedy",)}
-
-
 def _option_parameters() -> list[inspect.Parameter]:
     """`jaonnx generate`'s options, one per row of GENERATION_OPTIONS that the CLI offers."""
     from .generation.options import GENERATION_OPTIONS
@@ -192,9 +109,7 @@ def _option_parameters() -> list[inspect.Parameter]:
     for option in GENERATION_OPTIONS:
         if not option.cli:
             continue
-        flags = CLI_FLAGS.get(option.name, ("--" + option.name.replace("_", "-"),))
-        help_text = option.help if option.name != "do_sample" else "Sample, or decode greedily (default: the card's)."
-        annotation = Annotated[Optional[option.type], typer.Option(*flags, help=help_text)]
+        annotation = Annotated[Optional[option.type], typer.Option(*option.flags, help=option.help)]
         params.append(inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation))
     return params
 
@@ -267,57 +182,6 @@ def score(
         return
     for r in results:
         out.print(f"{r.perplexity:10.2f}  {r.log_likelihood:10.3f}  {r.text}", markup=False, highlight=False)
-
-
-DEMO_FILL_MASK = {
-    "rinna-roberta": "[CLS]4年に1度[MASK]は開かれる。",
-    "ken11-albert": "大学で[MASK]の研究をしています",
-    "jmedroberta": "この患者は[MASK]と診断された。",
-}
-DEMO_PROMPTS = {"rinna-gpt-1b": "西田幾多郎は、", "gpt2-small-ja": "近年の機械学習は"}
-
-
-@app.command()
-def demo(
-    work_dir: Annotated[Path, typer.Option(help="Where twins/ and artifacts/ go.")] = Path("."),
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 32,
-    verbose: Annotated[bool, VERBOSE] = False,
-) -> None:
-    """The whole pipeline offline: build the twins, export them, fill masks, generate."""
-    from . import load
-
-    try:
-        from jaonnx_export.quiet import quiet_third_party
-        from jaonnx_export.twins import TWINS, build_twins
-    except ImportError as exc:
-        raise JaonnxError(f"the demo needs the export extra ({exc.name} is missing): bash scripts/setup.sh") from None
-    export_module = _need_export()
-    twins_dir, artifacts_dir = work_dir / "twins", work_dir / "artifacts"
-    with quiet_third_party(verbose), steps(err) as step:
-        built = {}
-        for recipe_id in TWINS:  # small checkpoints trained on the shipped corpus
-            step(f"1. building the {recipe_id} twin in {twins_dir}")
-            built |= build_twins(twins_dir, [recipe_id])
-        for recipe_id, src in built.items():
-            manifest = export_module.export(
-                str(src), artifacts_dir / recipe_id, progress=lambda msg, r=recipe_id: step(f"2. export {r}: {msg}")
-            )
-            step(f"2. exported {recipe_id}: parity max |logit diff| {manifest.parity['max_abs_logit_diff']:.1e}")
-    out.print("\n[bold]3. fill-mask[/bold]")
-    for recipe_id, text in DEMO_FILL_MASK.items():
-        out.print(f"[cyan]{recipe_id}[/cyan]  {text}", markup=True, highlight=False)
-        for p in load(artifacts_dir / recipe_id, providers="cpu")(text, top_k=5):
-            out.print(f"   {p['score']:.4f}  {p['token_str']}", markup=False, highlight=False)
-    out.print("\n[bold]4. generation[/bold] (twins are tiny: expect fluent-ish nonsense)")
-    for recipe_id, prompt in DEMO_PROMPTS.items():
-        gen = load(artifacts_dir / recipe_id, providers="cpu")
-        for label, options in (("greedy", {"do_sample": False}), ("sampled, seed 0", {"seed": 0})):
-            out.print(f"[cyan]{recipe_id}[/cyan] ({label})")
-            sys.stdout.write("   " + prompt)
-            for piece in gen.stream(prompt, max_new_tokens=max_new_tokens, **options):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
 
 
 def _register_serve() -> None:

@@ -21,8 +21,8 @@ def peak_rss_of_run(directory: str | Path, batch: int, threads: int) -> float | 
 def _main(directory: str, batch: int, threads: int) -> None:
     import jaonnx
 
-    from .artifact import prefix_with_tokens
     from .machine import peak_rss_mib
+    from .prompts import prefix_with_tokens
 
     model = jaonnx.load(directory, providers="cpu", intra_op_threads=threads)
     if model.task == "text-generation":

@@ -25,6 +25,8 @@ import numpy as np
 
 from ..errors import JaonnxError
 from .batch import BatchDecoder
+from .inputs import ProcessedPrompt
+from .constraints import Constraints, RowMatcher, constrain_logits
 from ..numeric import log_softmax
 from .sampling import SamplingSettings, next_tokens
 from .streaming import IncrementalText
@@ -63,6 +65,13 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when the request asked
+    # prompt_ids[1:] scored given the tokens before each (settings.prompt_logprobs); on a
+    # sequence's first output only
+    prompt_logprobs: list[TokenLogprob] | None = None
+    # Structured output, once finished: "satisfied", "incomplete" (it ran out of tokens or hit a
+    # stop string first) or "failed" (the vocabulary cannot spell what must come next: `error`).
+    constraint: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -72,6 +81,8 @@ class _Sequence:
     text: str = ""  # the text so far, cut at a stop string
     emitted: str = ""  # the part of it already reported as final
     finish_reason: str | None = None
+    matcher: RowMatcher | None = None  # structured output
+    error: str | None = None
 
     @property
     def done(self) -> bool:
@@ -89,6 +100,7 @@ class _Request:
     steps: int = 0
     logits: np.ndarray | None = None  # [n, vocab] or, after a speculative block, [n, k, vocab]
     drafted: list[int] = field(default_factory=list)  # tokens under verification (prompt lookup)
+    prompt_logprobs: list[TokenLogprob] | None = None  # computed at admission, sent with the first output
 
     @property
     def rows(self) -> int:
@@ -112,6 +124,7 @@ class GenerationEngine:
         pad_id: int,
         max_batch_size: int = 16,
         vocab_limit: int | None = None,
+        constraints: Constraints | None = None,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise JaonnxError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}", "max_batch_size")
@@ -122,6 +135,7 @@ class GenerationEngine:
         self._resolve = resolve
         self._pad = pad_id
         self._vocab_limit = vocab_limit  # ids from here on are embedding padding the tokenizer lacks
+        self._constraints = constraints
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._ids = itertools.count()
@@ -131,7 +145,7 @@ class GenerationEngine:
     # ---- requests ---------------------------------------------------------------------------
     def add_request(
         self,
-        prompt: str | Sequence[int],
+        prompt: ProcessedPrompt | str | Sequence[int],
         request_id: str | None = None,
         *,
         settings: SamplingSettings | None = None,
@@ -139,8 +153,14 @@ class GenerationEngine:
     ) -> str:
         """Queue a prompt (text, or token ids) with generation options (see GENERATION_OPTIONS;
         left out, they come from the model card), or with `settings` already resolved by
-        `TextGenerator.settings`. Errors are raised here, before any work."""
-        if isinstance(prompt, str):
+        `TextGenerator.settings`, or as a `ProcessedPrompt` (`TextGenerator.process`: ids,
+        text and settings; nothing is encoded, decoded or resolved again). Errors are raised
+        here, before any work."""
+        if isinstance(prompt, ProcessedPrompt):
+            if settings is not None or options:
+                raise JaonnxError("a processed prompt carries its settings: pass no options", "settings")
+            prompt_ids, prompt_text, settings = list(prompt.ids), prompt.text, prompt.settings
+        elif isinstance(prompt, str):
             prompt_ids, prompt_text = self._encode(prompt), prompt
         else:
             prompt_ids = _token_ids(prompt)
@@ -158,11 +178,14 @@ class GenerationEngine:
             request_id = f"req-{next(self._ids)}"
         if self._find(request_id) is not None:
             raise JaonnxError(f"request id {request_id!r} is already in use: pass a new one", "request_id")
+        sequences = [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)]
+        if settings.constraint is not None:  # structured output: one matcher per sequence
+            if self._constraints is None:
+                raise JaonnxError("this engine was built without structured output support", settings.constraint.kind)
+            for seq in sequences:
+                seq.matcher = self._constraints.matcher(settings.constraint, settings.eos_token_id)
         self._waiting.append(
-            _Request(
-                request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text,
-                [_Sequence(IncrementalText(self._decode, prompt_ids)) for _ in range(settings.num_return_sequences)],
-            )
+            _Request(request_id, prompt_ids, settings, np.random.default_rng(settings.seed), prompt_text, sequences)
         )
         return request_id
 
@@ -198,9 +221,12 @@ class GenerationEngine:
         """One decode forward for the running rows, prefill of the requests that fit, one
         sampled token (or a verified speculative block) per row. Returns each sequence's news."""
         self._forward()
+        scored = self._score_only()
         self._admit()
         self.last_step_rows = self.batch.rows
         outputs: list[RequestOutput] = []
+        for req in scored:
+            outputs.extend(self._advance(req))
         for req in self._running:
             outputs.extend(self._advance(req))
         self._running_keep([r for r in self._running if not r.finished])
@@ -236,11 +262,38 @@ class GenerationEngine:
         reserve = max(len(req.prompt_ids) + req.settings.max_new_tokens for req in joining)
         logits = self.batch.add(prompts, reserve)
         self._mask_padding(logits)
+        for req in joining:
+            if req.settings.prompt_logprobs is not None:
+                req.prompt_logprobs = self._prompt_logprobs(req)
         start = 0
         for req in joining:
             req.logits = logits[start : start + req.rows]
             start += req.rows
         self._running.extend(joining)
+
+    def _score_only(self) -> list[_Request]:
+        """Take the waiting requests at the head of the queue that need no KV cache: they want
+        their prompt's log-probabilities and a single token (scoring). One full-sequence
+        forward gives both, outside the running batch, and they finish in this step."""
+        done: list[_Request] = []
+        while self._waiting and _needs_no_cache(self._waiting[0]):
+            req = self._waiting.popleft()
+            logits = self.batch.logits(req.prompt_ids)
+            self._mask_padding(logits)
+            req.prompt_logprobs = prompt_logprobs(logits[:-1], req.prompt_ids[1:], req.settings.prompt_logprobs or 0)
+            req.logits = logits[-1:]
+            done.append(req)
+        return done
+
+    def _prompt_logprobs(self, req: _Request) -> list[TokenLogprob]:
+        """Each prompt token after the first, scored given the ones before (vLLM's
+        `prompt_logprobs`), from one full-sequence forward that leaves the batch as it was."""
+        ids = req.prompt_ids
+        if len(ids) < 2:
+            return []
+        logits = self.batch.logits(ids)[: len(ids) - 1]
+        self._mask_padding(logits)
+        return prompt_logprobs(logits, ids[1:], req.settings.prompt_logprobs or 0)
 
     def _mask_padding(self, logits: np.ndarray) -> None:
         """An embedding table padded past the tokenizer: those ids are never picked."""
@@ -261,6 +314,7 @@ class GenerationEngine:
     # ---- sampling and bookkeeping ------------------------------------------------------------
     def _advance(self, req: _Request) -> list[RequestOutput]:
         """Pick this step's token(s) for every sequence of `req` and report them."""
+        was_done = [seq.done for seq in req.sequences]
         if req.drafted:
             accepted = self._verify(req)
         else:
@@ -280,6 +334,10 @@ class GenerationEngine:
                     new_logprobs[i].append(_logprob(logits[i], token, s.logprobs))
                 if token == s.eos_token_id:
                     seq.finish_reason = "eos"
+                if seq.matcher is not None:  # structured output: advance; a finished constraint ends the row
+                    seq.matcher.advance(token)
+                    if seq.matcher.stopped and not seq.done:
+                        seq.finish_reason = "stop"
             req.steps += 1
             if req.steps >= s.max_new_tokens:
                 for seq in req.sequences:
@@ -292,13 +350,15 @@ class GenerationEngine:
             req.drafted = self._draft(req)
         outputs = []
         for i, seq in enumerate(req.sequences):
-            if not new[i]:
+            if not new[i] and not (seq.done and not was_done[i]):
                 continue
             piece = self._update_text(req, seq, new[i])
+            first = len(seq.generated) == len(new[i])
             outputs.append(
                 RequestOutput(
                     req.request_id, i, new[i], piece, seq.done, seq.finish_reason, req.prompt_text, req.prompt_ids,
                     list(seq.generated), seq.text, new_logprobs[i] if s.logprobs is not None else None,
+                    req.prompt_logprobs if first else None, *_constraint_state(seq),
                 )
             )
         return outputs
@@ -308,14 +368,23 @@ class GenerationEngine:
         s = req.settings
         needs_history = s.repetition_penalty != 1.0 or s.bad_words_ids
         history = [req.prompt_ids + seq.generated for seq in req.sequences] if needs_history else []
-        tokens = next_tokens(req.logits, history, req.steps, s, req.rng)
+        logits = req.logits
+        if s.constraint is not None:  # structured output: mask a copy; logprobs stay the model's own
+            logits, verdicts = constrain_logits(logits, [None if q.done else q.matcher for q in req.sequences])
+            for seq, verdict in zip(req.sequences, verdicts):
+                if verdict == "error":
+                    seq.error = (f"the model's vocabulary cannot spell what the {s.constraint.kind} constraint "
+                                 f"requires after {self._decode(seq.generated)[-40:]!r}")
+                if verdict is not None:
+                    seq.finish_reason = verdict
+        tokens = next_tokens(logits, history, req.steps, s, req.rng)
         tokens = np.where([seq.done for seq in req.sequences], self._pad, tokens)
         return tokens, req.logits
 
     def _update_text(self, req: _Request, seq: _Sequence, new: list[int]) -> str:
         """Extend the sequence's text by its new tokens (cut at a stop string) and return the
         part that is now final."""
-        if seq.finish_reason == "stop":
+        if seq.finish_reason == "stop" and not new:
             return ""
         seq.detok.push(new)
         if seq.done:
@@ -346,6 +415,8 @@ class GenerationEngine:
         sequence's last n-gram (n = 3, 2, 1) in prompt + generated text."""
         if req.rows != 1 or len(self._running) > 1 or self._waiting:
             return []  # speculation pays off for a lone sequence; a shared batch decodes plainly
+        if req.settings.constraint is not None:
+            return []  # structured output: lookup is off for constrained rows
         seq = req.sequences[0]
         room = req.settings.max_new_tokens - len(seq.generated) - 1
         limit = min(req.settings.prompt_lookup, room)
@@ -384,6 +455,21 @@ class GenerationEngine:
         return accepted
 
 
+def _needs_no_cache(req: _Request) -> bool:
+    s = req.settings
+    return s.prompt_logprobs is not None and s.max_new_tokens == 1 and req.rows == 1 and not s.prompt_lookup
+
+
+def _constraint_state(seq: _Sequence) -> tuple[str | None, str | None]:
+    """RequestOutput's (constraint, error) for a sequence: set once a constrained one is done."""
+    if seq.matcher is None or not seq.done:
+        return None, None
+    if seq.error is not None:
+        return "failed", seq.error
+    cut = seq.finish_reason == "stop" and seq.matcher.satisfied and not seq.matcher.stopped
+    return ("satisfied" if seq.matcher.satisfied and not cut else "incomplete"), None
+
+
 def _token_ids(prompt: Sequence[int]) -> list[int]:
     try:
         ids = [int(t) for t in prompt]
@@ -398,3 +484,18 @@ def _logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     lp = log_softmax(np.asarray(logits, dtype=np.float64).reshape(-1))
     best = np.argsort(-lp, kind="stable")[:top] if top else []
     return TokenLogprob(token, float(lp[token]), [(int(t), float(lp[t])) for t in best])
+
+
+def prompt_logprobs(logits: np.ndarray, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+    """`TokenLogprob`s of `targets` under logits [len(targets), vocab] (row i predicts
+    targets[i]), each with the `top` likeliest alternatives, most likely first."""
+    lp = log_softmax(np.asarray(logits, dtype=np.float64))
+    rows = np.arange(len(targets))
+    chosen = lp[rows, np.asarray(targets, dtype=np.int64)]
+    if not top:
+        return [TokenLogprob(int(t), float(v)) for t, v in zip(targets, chosen)]
+    part = np.argpartition(-lp, top - 1, axis=-1)[:, :top]
+    order = np.argsort(-np.take_along_axis(lp, part, axis=-1), axis=-1, kind="stable")
+    best = np.take_along_axis(part, order, axis=-1)
+    return [TokenLogprob(int(t), float(chosen[i]), [(int(b), float(lp[i, b])) for b in best[i]])
+            for i, t in enumerate(targets)]

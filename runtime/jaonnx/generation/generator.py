@@ -13,15 +13,18 @@ import numpy as np
 from ..artifact import Manifest
 from ..errors import JaonnxError
 from ..model import ArtifactModel
-from ..numeric import log_softmax
 from ..recipes import GenerationDefaults
 from ..session import Providers
 from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
 from .static_cache import StaticBatchDecoder
+from .constraints import Constraints
+from ..tokenization.token_bytes import TokenVocabulary
 from .engine import GenerationEngine, RequestOutput, TokenLogprob
-from .options import check_position_budget, resolve_settings
+from .inputs import InputProcessor, ProcessedPrompt
+from .options import resolve_settings
 from .sampling import SamplingSettings
+from .spec import MAX_LOGPROBS
 
 
 @dataclass
@@ -32,6 +35,9 @@ class GenerationResult:
     generated_ids: list[int]
     finish_reason: str  # "eos", "stop" or "length"
     logprobs: list[TokenLogprob] | None = None  # one per generated id, when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None  # one per prompt id after the first, when asked for
+    constraint: str | None = None  # structured output: "satisfied" | "incomplete" | "failed"
+    error: str | None = None  # why a constraint failed
 
     @property
     def full_text(self) -> str:
@@ -39,8 +45,9 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if self.logprobs is None:
-            del data["logprobs"]
+        for name in ("logprobs", "prompt_logprobs", "constraint", "error"):
+            if data[name] is None:
+                del data[name]
         return data
 
 
@@ -53,6 +60,7 @@ class ResultCollector:
         self._first_row = {rid: i * n for i, rid in enumerate(request_ids)}
         self._finals: dict[int, RequestOutput] = {}
         self._logprobs: dict[int, list[TokenLogprob]] = {}
+        self._prompt_logprobs: dict[int, list[TokenLogprob]] = {}
 
     @property
     def request_ids(self) -> list[str]:
@@ -66,6 +74,8 @@ class ResultCollector:
         row = self._first_row[out.request_id] + out.index
         if out.logprobs is not None:
             self._logprobs.setdefault(row, []).extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            self._prompt_logprobs[row] = out.prompt_logprobs
         if out.finished:
             self._finals[row] = out
         return row
@@ -78,7 +88,8 @@ class ResultCollector:
         return [
             GenerationResult(
                 self.prompts[row // self.n], out.text, list(out.prompt_ids), out.token_ids, str(out.finish_reason),
-                self._logprobs.get(row) if out.logprobs is not None else None,
+                self._logprobs.get(row) if out.logprobs is not None else None, self._prompt_logprobs.get(row),
+                out.constraint, out.error,
             )
             for row, out in sorted(self._finals.items())
         ]
@@ -123,10 +134,31 @@ class TextGenerator(ArtifactModel):
     def settings(self, prompt_len: int, **options: Any) -> SamplingSettings:
         """Card defaults from the recipe, overridden by the caller's options (None = default),
         validated and checked against the model's positions."""
-        return resolve_settings(
+        settings = resolve_settings(
             self.defaults, prompt_len, max_positions=self.manifest.max_positions,
             vocab_size=self.manifest.vocab_size, model_eos_id=self.eos_id, token_id=self._token_id, **options,
         )
+        if settings.constraint is not None:
+            self.constraints.compile(settings.constraint)  # a bad schema/regex/grammar fails here, cached
+        return settings
+
+    @cached_property
+    def constraints(self) -> Constraints:
+        """Structured output for this model's vocabulary (llguidance loads on first use)."""
+        backend = self.tokenizer.backend
+        return Constraints(
+            lambda: TokenVocabulary.from_backend(backend, self.manifest.special_ids.values(), self.eos_id),
+            backend.encode_exact,
+        )
+
+    @cached_property
+    def inputs(self) -> InputProcessor:
+        """The one input processor (Python and HTTP): prompts + options -> ProcessedPrompt."""
+        return InputProcessor(self.encode, self.settings)
+
+    def process(self, prompts: str | Sequence[str], **options: Any) -> list[ProcessedPrompt]:
+        """Each prompt encoded once, with settings resolved for its own length."""
+        return self.inputs.process(prompts, **options)
 
     def _token_id(self, word: str) -> int:
         if word in self.manifest.special_ids:
@@ -169,6 +201,7 @@ class TextGenerator(ArtifactModel):
         return GenerationEngine(
             self.new_batch(), decode=self.decode, encode=self.encode, resolve=self.settings,
             pad_id=self.pad_id, max_batch_size=max_batch_size, vocab_limit=self.manifest.tokenizer_size,
+            constraints=self.constraints,
         )
 
     # ---- public API -----------------------------------------------------------------------
@@ -181,24 +214,25 @@ class TextGenerator(ArtifactModel):
         Each prompt runs as its own request (with its own seeded RNG) in one batch, so a row
         gives what it gives alone."""
         single = isinstance(prompts, str)
-        texts = [prompts] if single else list(prompts)
-        if not texts:
-            raise JaonnxError("no prompts given: pass a prompt or a non-empty list of prompts", "prompt")
         options["max_new_tokens"] = max_new_tokens
-        encoded = [self.encode(t) for t in texts]
-        settings = [self.settings(len(ids), **options) for ids in encoded]  # every error before any work
-        n = settings[0].num_return_sequences
-        engine = self.engine(max_batch_size=max(1, n * len(texts)))
-        request_ids = [engine.add_request(ids, settings=s) for ids, s in zip(encoded, settings)]
-        collector = ResultCollector(texts, request_ids, n)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                collector.take(out)
-        results = collector.results()
+        inputs = self.process(prompts, **options)  # every error before any work
+        n = inputs[0].settings.num_return_sequences
+        results = self.run(inputs)
         if return_ids:
             return results[0] if single and n == 1 else results
         out_texts = [r.text for r in results]
         return out_texts[0] if single and n == 1 else out_texts
+
+    def run(self, inputs: Sequence[ProcessedPrompt]) -> list[GenerationResult]:
+        """Run processed prompts as one batch of engine requests; results prompt-major."""
+        n = inputs[0].settings.num_return_sequences
+        engine = self.engine(max_batch_size=max(1, n * len(inputs)))
+        request_ids = [engine.add_request(p) for p in inputs]
+        collector = ResultCollector([p.text for p in inputs], request_ids, n)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                collector.take(out)
+        return collector.results()
 
     def stream(self, prompt: str, max_new_tokens: int | None = None, **options: Any) -> Iterator[str]:
         """Yield text pieces as tokens arrive; joined, they equal `generate(...)`'s text."""
@@ -206,12 +240,11 @@ class TextGenerator(ArtifactModel):
             raise JaonnxError("stream takes one prompt (a str)", "prompt")
         options.setdefault("num_return_sequences", 1)
         options["max_new_tokens"] = max_new_tokens
-        ids = self.encode(prompt)
-        settings = self.settings(len(ids), **options)
-        if settings.num_return_sequences != 1:
+        [processed] = self.process(prompt, **options)
+        if processed.settings.num_return_sequences != 1:
             raise JaonnxError("stream makes one sequence: leave num_return_sequences at 1", "num_return_sequences")
         engine = self.engine(max_batch_size=1)
-        engine.add_request(ids, settings=settings)
+        engine.add_request(processed)
         return self._pieces(engine)
 
     @staticmethod
@@ -221,42 +254,52 @@ class TextGenerator(ArtifactModel):
                 if out.new_text:
                     yield out.new_text
 
+    def scoring_inputs(self, texts: str | Sequence[str], top_k: int = 0, at_least: int = 2) -> list[ProcessedPrompt]:
+        """Texts to score, as engine requests: each asks for its prompt's log-probabilities
+        (with the `top_k` likeliest alternatives) and one greedy token, which is not used.
+        Scoring runs through the engine like generation (on the server's worker thread).
+        A text needs `at_least` tokens (the first one has no context to be scored in)."""
+        inputs = self.process(texts, max_new_tokens=1, min_new_tokens=0, do_sample=False, bad_words_ids=[],
+                              stop=(), prompt_lookup=0, logprobs=None, prompt_logprobs=top_k)
+        for i, p in enumerate(inputs):
+            if len(p.ids) < at_least:
+                raise JaonnxError(f"{p.text!r} is one token: scoring needs at least two",
+                                  "prompt" if len(inputs) == 1 else f"prompt[{i}]")
+        return inputs
+
     def score(self, texts: str | Sequence[str]) -> Any:
         """Log-likelihood and perplexity of each text under the model (natural log).
 
         The first token has no context and is not scored, as in transformers' LM loss."""
         single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        if not items:
-            raise JaonnxError("no texts given: pass a text or a non-empty list of texts", "text")
-        results = []
-        for text in items:
-            ids = self.encode(text)
-            logprobs = self._next_token_logprobs(text, ids)
-            n = len(ids)
-            token_lp = logprobs[np.arange(n - 1), ids[1:]]
-            total = float(token_lp.sum())
-            results.append(ScoreResult(text, total, n - 1, float(np.exp(-total / (n - 1))), token_lp.tolist()))
+        results = [self.score_result(r) for r in self.run(self.scoring_inputs(texts))]
         return results[0] if single else results
+
+    @staticmethod
+    def score_result(result: GenerationResult) -> ScoreResult:
+        """A `ScoreResult` from a result that carries its prompt's log-probabilities."""
+        if result.prompt_logprobs is None:
+            raise JaonnxError("this result has no prompt log-probabilities: ask for prompt_logprobs", "prompt_logprobs")
+        token_lp = [lp.logprob for lp in result.prompt_logprobs]
+        total, n = float(sum(token_lp)), len(token_lp)
+        return ScoreResult(result.prompt, total, n, float(np.exp(-total / n)) if n else float("nan"), token_lp)
 
     def prompt_logprobs(self, text: str, top_k: int = 0) -> PromptLogprobs:
         """Per-token log-probabilities of `text` with the `top_k` likeliest alternatives at each
         position: what OpenAI's `echo` + `logprobs` returns. The same numbers as `score`."""
-        if not 0 <= top_k <= self.tokenizer.vocab_size:
-            raise JaonnxError(f"top_k must be between 0 and {self.tokenizer.vocab_size}, got {top_k}", "top_k")
-        ids = self.encode(text)
-        logprobs = self._next_token_logprobs(text, ids)
-        n = len(ids)
+        if not isinstance(top_k, int) or not 0 <= top_k <= MAX_LOGPROBS:
+            raise JaonnxError(f"top_k must be between 0 and {MAX_LOGPROBS}, got {top_k!r}", "top_k")
+        [result] = self.run(self.scoring_inputs(text, top_k))
+        return self.prompt_logprobs_result(result)
+
+    def prompt_logprobs_result(self, result: GenerationResult) -> PromptLogprobs:
+        """`PromptLogprobs` (tokens, offsets, alternatives) from a result that carries them."""
+        lps = result.prompt_logprobs or []
+        ids = result.prompt_ids
         tokens = self.token_texts(ids)
         offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]]).tolist()
-        top: list[dict[int, float]] = []
-        if top_k:
-            known = logprobs[:, : self.tokenizer.vocab_size]  # a padded embedding table has ids past the tokenizer
-            part = np.argpartition(-known, top_k - 1, axis=-1)[:, :top_k]
-            order = np.argsort(-np.take_along_axis(known, part, axis=-1), axis=-1, kind="stable")
-            best = np.take_along_axis(part, order, axis=-1)
-            top = [{int(t): float(logprobs[i, t]) for t in best[i]} for i in range(n - 1)]
-        return PromptLogprobs(text, ids, tokens, offsets, logprobs[np.arange(n - 1), ids[1:]].tolist(), top)
+        top = [dict(lp.top) for lp in lps] if any(lp.top for lp in lps) else []
+        return PromptLogprobs(result.prompt, ids, tokens, offsets, [lp.logprob for lp in lps], top)
 
     def token_texts(self, ids: Sequence[int], context: Sequence[int] = ()) -> list[str]:
         """The text each of `ids` adds after `context` and the ids before it (they join to the
@@ -267,17 +310,6 @@ class TextGenerator(ArtifactModel):
             pieces.append(upto[len(before) :] if upto.startswith(before) else self.tokenizer.token_str(ids[i]))
             before = upto
         return pieces
-
-    def _next_token_logprobs(self, text: str, ids: list[int]) -> np.ndarray:
-        """(len(ids) - 1, vocab) float64 log-softmax of the logits predicting ids[1:]."""
-        if len(ids) < 2:
-            raise JaonnxError(f"{text!r} is one token: scoring needs at least two", "text")
-        check_position_budget(len(ids), 0, self.manifest.max_positions)
-        logits = self.new_batch().logits(ids)[: len(ids) - 1]
-        limit = self.manifest.tokenizer_size
-        if limit is not None and logits.shape[-1] > limit:  # ids past the tokenizer are never generated
-            logits[:, limit:] = -np.inf
-        return log_softmax(logits)
 
 
 # KV-cache layout (manifest `decoder.kv_layout`) -> the BatchDecoder that drives it.

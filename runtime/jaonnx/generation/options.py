@@ -1,28 +1,28 @@
-"""The generation options, defined once.
+"""The generation options, defined once: as the fields of `SamplingSettings`.
 
-`GENERATION_OPTIONS` is the table the Python API, the HTTP request schemas and the command
-line are all derived from; `resolve_settings` is the one place that turns the model card's
+`GENERATION_OPTIONS` is read from those fields' metadata (see `spec.py`); the Python API, the
+HTTP request schemas and the command line are all derived from it; `resolve_settings` is the one place that turns the model card's
 defaults plus the caller's options into `SamplingSettings`, including the position budget.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import JaonnxError
 from ..recipes import GenerationDefaults
+from .constraints import CONSTRAINT_OPTION_SPECS, CONSTRAINT_OPTIONS, constraint_spec
 from .sampling import SamplingSettings
+from .spec import INT64, MAX_STOPS, MAX_TOKENS, OptionSpec
 
-INT64 = 2**63 - 1
-MAX_TOKENS = 1 << 20
-MAX_STOPS = 4
+__all__ = ["GENERATION_OPTIONS", "INT64", "MAX_STOPS", "MAX_TOKENS", "OPTION_NAMES", "Option", "resolve_settings"]
 
 
 @dataclass(frozen=True)
 class Option:
-    """One generation option: its type, what it does, and the protocol bounds the HTTP schema
-    enforces (the model's own limits are checked by `resolve_settings`)."""
+    """One generation option: its name and its `OptionSpec` fields (type, help, the protocol
+    bounds, the surfaces offering it), read from `SamplingSettings`' field metadata."""
 
     name: str
     type: Any
@@ -32,26 +32,22 @@ class Option:
     le: float | None = None
     cli: bool = True  # offered by `jaonnx generate`
     http: bool = True  # accepted by `/v1/generate`
+    flags: tuple[str, ...] = ()  # `jaonnx generate`'s flags
+    openai: str | None = None  # OpenAI's name, where it differs
+
+    @classmethod
+    def of(cls, name: str, spec: OptionSpec) -> Option:
+        flags = spec.flags or ("--" + name.replace("_", "-"),)
+        return cls(name, spec.type, spec.help, spec.ge, spec.gt, spec.le, spec.cli, spec.http, flags, spec.openai)
 
 
-GENERATION_OPTIONS: tuple[Option, ...] = (
-    Option("max_new_tokens", int, "Tokens to generate (default: the model card's).", ge=1, le=MAX_TOKENS),
-    Option("min_new_tokens", int, "Tokens to generate before end-of-text is allowed.", ge=0, le=MAX_TOKENS),
-    Option("do_sample", bool, "Sample (the card's default) or decode greedily."),
-    Option("temperature", float, "Sampling temperature (0 = greedy).", ge=0, le=1e6),
-    Option("top_k", int, "Keep the k most likely tokens (0 = off).", ge=0, le=INT64),
-    Option("top_p", float, "Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].", gt=0, le=1),
-    Option("repetition_penalty", float, "> 1 discourages tokens already in the text.", gt=0, le=1e6),
-    Option("num_return_sequences", int, "Samples per prompt.", ge=1, le=64),
-    Option("seed", int, "Seed for reproducible sampling.", ge=0, le=INT64),
-    Option("stop", list[str], f"Stop before any of these strings (at most {MAX_STOPS})."),
-    Option("eos_token_id", int, "End-of-text token id (default: the model's; None in Python: none).", ge=0, le=INT64),
-    Option("bad_words_ids", list[list[int]], "Token-id sequences that must never be generated.", cli=False),
-    Option("prompt_lookup", int, "Greedy only: draft up to N tokens by matching the prompt's n-grams "
-           "(exact: the output equals plain greedy).", ge=0, le=64),
-    Option("logprobs", int, "Also return the log-probability of each generated token and the top N.", ge=0, le=20),
-)
+# Fields whose metadata has no option (the compiled `constraint`) are results, not options. The
+# structured-output spellings are options that resolve into that one field (constraints.py).
+GENERATION_OPTIONS: tuple[Option, ...] = tuple(
+    Option.of(f.name, f.metadata["option"]) for f in fields(SamplingSettings) if f.metadata.get("option")
+) + tuple(Option.of(name, spec) for name, spec in CONSTRAINT_OPTION_SPECS.items())
 OPTION_NAMES = frozenset(o.name for o in GENERATION_OPTIONS)
+CARD_DEFAULTS = frozenset(f.name for f in fields(GenerationDefaults))  # options the model card can set
 
 
 def resolve_settings(
@@ -66,39 +62,32 @@ def resolve_settings(
 ) -> SamplingSettings:
     """Card defaults overridden by `options`, validated, and checked against the position
     budget. None means "the default", except `eos_token_id=None`: no end-of-text token.
-    `token_id(word)` maps a card's bad word to its id."""
+    `token_id(word)` maps a card's bad word to its id.
+
+    An option the caller leaves out takes the card's value when the card has one (a card's
+    `max_length`/`min_length` count the prompt, so they depend on `prompt_len`), else the
+    field's default."""
     unknown = sorted(set(options) - OPTION_NAMES)
     if unknown:
         raise JaonnxError(f"unknown generation option(s): {', '.join(unknown)}", unknown[0])
     given = {k: v for k, v in options.items() if v is not None or k == "eos_token_id"}
     d = defaults
-    max_new = given.get("max_new_tokens")
-    if max_new is None:
-        max_new = max(1, d.max_length - prompt_len) if d.max_length else d.max_new_tokens
-    min_new = given.get("min_new_tokens")
-    if min_new is None:
-        min_new = max(0, d.min_length - prompt_len) if d.min_length else d.min_new_tokens
-    bad = given.get("bad_words_ids")
-    if bad is None:
-        bad = [[token_id(w)] for w in d.bad_words]
-    do_sample = given.get("do_sample", d.do_sample)
+    if "max_new_tokens" not in given:
+        given["max_new_tokens"] = max(1, d.max_length - prompt_len) if d.max_length else d.max_new_tokens
+    if "min_new_tokens" not in given:
+        given["min_new_tokens"] = max(0, d.min_length - prompt_len) if d.min_length else d.min_new_tokens
+    given.setdefault("do_sample", d.do_sample)
+    if "num_return_sequences" not in given:
+        given["num_return_sequences"] = d.num_return_sequences if given["do_sample"] else 1
+    given["bad_words_ids"] = _id_lists(given["bad_words_ids"]) if "bad_words_ids" in given else tuple(
+        (token_id(w),) for w in d.bad_words)
+    given.setdefault("eos_token_id", model_eos_id)
     stop = given.get("stop", ())
-    settings = SamplingSettings(
-        max_new_tokens=max_new,
-        min_new_tokens=min_new,
-        do_sample=do_sample,
-        temperature=given.get("temperature", d.temperature),
-        top_k=given.get("top_k", d.top_k),
-        top_p=given.get("top_p", d.top_p),
-        repetition_penalty=given.get("repetition_penalty", d.repetition_penalty),
-        num_return_sequences=given.get("num_return_sequences", d.num_return_sequences if do_sample else 1),
-        bad_words_ids=_id_lists(bad),
-        eos_token_id=given.get("eos_token_id", model_eos_id),
-        seed=given.get("seed"),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        prompt_lookup=given.get("prompt_lookup", 0),
-        logprobs=given.get("logprobs"),
-    ).validate(vocab_size)
+    given["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    for name in CARD_DEFAULTS & OPTION_NAMES:
+        given.setdefault(name, getattr(d, name))
+    given["constraint"] = constraint_spec({k: given.pop(k, None) for k in CONSTRAINT_OPTIONS})  # structured output
+    settings = SamplingSettings(**given).validate(vocab_size)
     check_position_budget(prompt_len, settings.max_new_tokens, max_positions)
     return settings
 

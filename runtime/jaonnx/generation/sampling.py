@@ -6,79 +6,109 @@ change which tokens are allowed), then temperature, top-k, top-p (these shape sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import JaonnxError
 from ..numeric import softmax
+from .spec import INT64, MAX_LOGPROBS, MAX_STOPS, MAX_TOKENS, OptionSpec, option
+
+if TYPE_CHECKING:
+    from .constraints import ConstraintSpec
 
 NEG_INF = np.float32(-np.inf)
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    max_new_tokens: int
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
-    bad_words_ids: tuple[tuple[int, ...], ...] = ()
-    eos_token_id: int | None = None
-    num_return_sequences: int = 1
-    seed: int | None = None
-    stop: tuple[str, ...] = ()  # stop before any of these strings
-    prompt_lookup: int = 0  # greedy: draft up to this many tokens from the prompt's n-grams
-    logprobs: int | None = None  # return each generated token's log-probability and the top N
+    """One request's resolved generation settings. This class is the single source of the
+    generation options: each field's `option(...)` metadata (help, bounds, CLI/HTTP) is what
+    `GENERATION_OPTIONS`, the HTTP schemas, the CLI and `validate` are derived from."""
+
+    max_new_tokens: int = option(help="Tokens to generate (default: the model card's).", type=int, ge=1, le=MAX_TOKENS,
+                                 flags=("--max-new-tokens", "-n"), openai="max_tokens")
+    min_new_tokens: int = option(0, help="Tokens to generate before end-of-text is allowed.", type=int, ge=0,
+                                 le=MAX_TOKENS)
+    do_sample: bool = option(False, help="Sample, or decode greedily (default: the card's).", type=bool,
+                             flags=("--sample/--greedy",))
+    temperature: float = option(1.0, help="Sampling temperature (0 = greedy).", type=float, ge=0, le=1e6)
+    top_k: int = option(0, help="Keep the k most likely tokens (0 = off).", type=int, ge=0, le=INT64)
+    top_p: float = option(1.0, help="Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].",
+                          type=float, gt=0, le=1)
+    repetition_penalty: float = option(1.0, help="> 1 discourages tokens already in the text.", type=float, gt=0,
+                                       le=1e6)
+    num_return_sequences: int = option(1, help="Samples per prompt.", type=int, ge=1, le=64, openai="n")
+    seed: int | None = option(None, help="Seed for reproducible sampling.", type=int, ge=0, le=INT64, nullable=True)
+    stop: tuple[str, ...] = option((), help=f"Stop before any of these strings (at most {MAX_STOPS}).", type=list[str])
+    eos_token_id: int | None = option(None, help="End-of-text token id (default: the model's; None in Python: none).",
+                                      type=int, ge=0, le=INT64, nullable=True)
+    bad_words_ids: tuple[tuple[int, ...], ...] = option(
+        (), help="Token-id sequences that must never be generated.", type=list[list[int]], cli=False)
+    prompt_lookup: int = option(0, help="Greedy only: draft up to N tokens by matching the prompt's n-grams "
+                                "(exact: the output equals plain greedy).", type=int, ge=0, le=64)
+    logprobs: int | None = option(None, help="Also return the log-probability of each generated token and the top N.",
+                                  type=int, ge=0, le=MAX_LOGPROBS, nullable=True)
+    prompt_logprobs: int | None = option(
+        None, help="Also return the log-probability of each prompt token after the first, and the top N (as vLLM).",
+        type=int, ge=0, le=MAX_LOGPROBS, nullable=True, cli=False)
+    # Structured output, compiled from the constraint options by `resolve_settings`
+    # (generation/constraints.py): a result of resolution, not an option of its own.
+    constraint: ConstraintSpec | None = field(default=None, metadata={"option": None})
 
     def validate(self, vocab_size: int) -> SamplingSettings:
+        """Every field against its `option` metadata, then the rules that tie fields together
+        or depend on the model. The first problem is a `JaonnxError` naming its field."""
         def fail(name: str, rule: str, value: object) -> None:
             raise JaonnxError(f"{name} must be {rule}, got {value!r}", name)
 
-        def is_int(value: object) -> bool:
-            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            fail("max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        if not isinstance(self.do_sample, (bool, np.bool_)):
-            fail("do_sample", "true or false", self.do_sample)
-        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
-            fail("min_new_tokens", "an integer >= 0", self.min_new_tokens)
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or not np.isfinite(self.temperature) or self.temperature < 0:
-            fail("temperature", "a number >= 0", self.temperature)
-        if not is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "an integer >= 0 (0 turns it off)", self.top_k)
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            fail("top_p", "in (0, 1]", self.top_p)
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            fail("repetition_penalty", "a number > 0 (1 turns it off)", self.repetition_penalty)
-        if not is_int(self.num_return_sequences) or self.num_return_sequences < 1:
-            fail("num_return_sequences", "an integer >= 1", self.num_return_sequences)
+        for f in fields(self):
+            spec: OptionSpec | None = f.metadata.get("option")
+            if spec is None:
+                continue
+            value = getattr(self, f.name)
+            if value is None and spec.nullable:
+                continue
+            if not _fits(value, spec):
+                fail(f.name, spec.rule(), value)
         if self.num_return_sequences > 1 and not self.do_sample:
             fail("num_return_sequences", "1 with greedy decoding (every copy would be identical)",
                  self.num_return_sequences)
         for seq in self.bad_words_ids:
-            if not seq or not all(is_int(t) and 0 <= t < vocab_size for t in seq):
+            if not seq or not all(_is_int(t) and 0 <= t < vocab_size for t in seq):
                 fail("bad_words_ids", f"non-empty lists of token ids in [0, {vocab_size})", list(seq))
-        if self.eos_token_id is not None and not (is_int(self.eos_token_id) and 0 <= self.eos_token_id < vocab_size):
+        if self.eos_token_id is not None and not self.eos_token_id < vocab_size:
             fail("eos_token_id", f"a token id in [0, {vocab_size}) or None", self.eos_token_id)
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            fail("seed", "an integer >= 0 or None", self.seed)
-        if len(self.stop) > 4 or not all(isinstance(s, str) and s for s in self.stop):
-            fail("stop", "at most 4 non-empty strings", list(self.stop))
-        if not is_int(self.prompt_lookup) or self.prompt_lookup < 0:
-            fail("prompt_lookup", "an integer >= 0 (0 turns it off)", self.prompt_lookup)
+        if len(self.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in self.stop):
+            fail("stop", f"at most {MAX_STOPS} non-empty strings", list(self.stop))
         if self.prompt_lookup and not self.greedy:
             fail("prompt_lookup", "0 when sampling (it is exact for greedy decoding only)", self.prompt_lookup)
-        if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
-            fail("logprobs", "an integer in [0, 20] or None", self.logprobs)
         return self
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _fits(value: object, spec: OptionSpec) -> bool:
+    """Whether a scalar option's value has its type and lies within its bounds (list-typed
+    options have their own rules in `validate`)."""
+    if spec.type is bool:
+        return isinstance(value, (bool, np.bool_))
+    if spec.type is int:
+        ok = _is_int(value)
+    elif spec.type is float:
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+            and bool(np.isfinite(value))
+    else:
+        return True
+    return ok and (spec.ge is None or value >= spec.ge) and (spec.gt is None or value > spec.gt) \
+        and (spec.le is None or value <= spec.le)  # type: ignore[operator]
 
 
 def apply_repetition_penalty(logits: np.ndarray, history: list[list[int]], penalty: float) -> None:

@@ -1,10 +1,13 @@
 """The HTTP app: `create_app([artifact, ...])` serves each artifact under its directory name.
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/fill-mask`, `POST /v1/generate`, and
-OpenAI's `POST /v1/completions`. This module is the app factory and the routes; requests are
-checked by `validation` (a bad request is a 4xx naming its field before it reaches a worker),
-run and streamed by `events`, and shaped for OpenAI by `openai`. Workers (`batcher`) own the
-models: generation drives the runtime's `GenerationEngine`; nothing here decodes.
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/fill-mask`, `POST /v1/generate`,
+OpenAI's `POST /v1/completions`, and (in their own modules) `POST /v1/score` (scoring),
+`POST /tokenize` and `/detokenize` (tokenize). This module is the app factory and the routes;
+requests go through the model's input processor in `validation.prepare` (a bad request is a
+4xx naming its field before it reaches a worker), are run and streamed by `events`, and their
+typed results are shaped into JSON by `events` and `openai` only. Workers (`batcher`) own the
+models: generation and scoring drive the runtime's `GenerationEngine`; nothing here decodes
+or computes with a model.
 """
 
 # (no `from __future__ import annotations`: FastAPI must see the real `Request` class of the routes)
@@ -20,33 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import JaonnxError, load
-from .batcher import FillMaskJob, FillMaskWorker, GenerationWorker, Worker
-from .events import generate_events, run, sse
+from .config import ServeConfig
+from .batcher import FillMaskJob, FillMaskResult, FillMaskWorker, GenerationWorker, Worker
+from .events import generate_body, generate_events, run, sse
 from .operations import check_options, install as install_operations
-from .openai import ALIASES, completion_body, completion_events, completion_options
+from .openai import ALIASES, completion_body, completion_events
 from .scoring import echo_completion
+from .structured import completion_constraint
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest, RequestError, error_body, parse, stops, texts
+from .tokenize import tokenize_router
 from .validation import check_masked, check_rows, lookup, openai_unsupported, prepare, read_json
-
-
-@dataclass
-class ServeConfig:
-    """Batching and limits; the defaults suit a CPU box."""
-
-    max_batch_size: int = 16  # fill-mask texts per batch; generation rows per decode step
-    max_wait_ms: float = 5.0  # how long a fill-mask batch waits to fill up
-    max_queue: int = 64  # requests waiting per model before 503
-    request_timeout: float = 120.0  # seconds, queueing included
-    max_body_bytes: int = 1 << 20
-    retry_after: int = 1  # seconds, sent with 503
-    threads: int | None = None  # ONNX Runtime intra-op threads per model (default: physical cores)
-    spinning: bool = False  # idle ORT threads busy-wait: off, as several models share the cores
-    # operations (serving-prod): see operations.py
-    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1/* (empty: no auth)
-    metrics: bool = True  # /metrics and the instrumentation behind it
-    metrics_auth: bool = False  # /metrics needs a key too
-    log_format: str = "text"  # "json": one access-log line per request (jaonnx.access logger)
-    log_prompts: bool = False  # json access logs include the prompt text
 
 
 @dataclass
@@ -109,11 +95,7 @@ def create_app(
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    config = config or ServeConfig()
-    for key, value in overrides.items():
-        if not hasattr(config, key):
-            raise JaonnxError(f"unknown serving option {key!r}")
-        setattr(config, key, value)
+    config = (config or ServeConfig()).update(**overrides)
     check_options(config)  # serving-prod
     served = load_models(artifact_dirs, config, providers)
     created = int(time.time())
@@ -169,9 +151,11 @@ def create_app(
         m = lookup(served, req.model, "fill-mask")
         items, single = texts(req.inputs, "inputs")
         await asyncio.to_thread(check_masked, m.model, items, single, req.top_k)
-        job = FillMaskJob(sink=lambda _: None, texts=items, top_k=req.top_k)
-        results = await run(request, m.worker, job, config.request_timeout)
-        return {"model": m.name, "results": results[0] if single else results}
+        job = FillMaskJob(sink=lambda _: None, inputs=items, top_k=req.top_k)
+        result = await run(request, m.worker, job, config.request_timeout)
+        if not isinstance(result, FillMaskResult):
+            return result  # the client went away
+        return {"model": m.name, "results": result.predictions[0] if single else result.predictions}
 
     @app.post("/v1/generate")
     async def generate(request: Request) -> Any:
@@ -185,7 +169,9 @@ def create_app(
         check_rows(job.rows, job.n, config.max_batch_size, "num_return_sequences")
         if not req.stream:
             results = await run(request, m.worker, job, config.request_timeout)
-            return {"model": m.name, "results": results}
+            if not isinstance(results, list):
+                return results  # the client went away
+            return generate_body(m.name, results)
         return sse(request, m.worker, job, config.request_timeout, generate_events(m.name))
 
     @app.post("/v1/completions")
@@ -193,22 +179,29 @@ def create_app(
         req = parse(CompletionRequest, await read_json(request, config.max_body_bytes))
         m = lookup(served, req.model, "text-generation")
         prompts, _ = texts(req.prompt, "prompt")
-        if req.max_tokens == 0:  # serving-prod: echo-only scoring (scoring.py)
-            return await echo_completion(m, req, prompts, app.state.score_gates[m.name])
+        if req.max_tokens == 0:  # echo-only scoring (scoring.py)
+            return await echo_completion(request, m, req, prompts, config)
         openai_unsupported(req)
         n = req.n or 1
-        options, greedy = completion_options(req)
-        options["stop"] = stops(req.stop)
-        rows = [p for p in prompts for _ in range(n)] if greedy else prompts  # greedy copies are identical
-        job = await asyncio.to_thread(prepare, m.model, rows, options, ALIASES, bool(req.stream))
+        options = req.to_options()
+        constraint, constraint_fields = completion_constraint(req)  # structured output
+        options.update(constraint)
+        rows = [p for p in prompts for _ in range(n)] if req.greedy else prompts  # greedy copies are identical
+        job = await asyncio.to_thread(prepare, m.model, rows, options, {**ALIASES, **constraint_fields}, bool(req.stream))
         check_rows(job.rows, n, config.max_batch_size, "n")
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": m.name}
         echo = bool(req.echo)
         if not req.stream:
             results = await run(request, m.worker, job, config.request_timeout)
-            return completion_body(meta, results, echo, n, m.model, req.logprobs)
+            if not isinstance(results, list):
+                return results  # the client went away
+            if req.logprobs is None:
+                return completion_body(meta, results, echo, n)
+            return await asyncio.to_thread(completion_body, meta, results, echo, n, m.model, req.logprobs)
         usage = bool((req.stream_options or {}).get("include_usage"))
-        return sse(request, m.worker, job, config.request_timeout, completion_events(meta, echo, usage, n))
+        return sse(request, m.worker, job, config.request_timeout,
+                   completion_events(meta, echo, usage, n, m.model, req.logprobs))
 
+    app.include_router(tokenize_router(served, config))
     install_operations(app, served, config)  # serving-prod: auth, metrics, tracing, /v1/score, playground
     return app

@@ -60,7 +60,8 @@ class ApiKeyAuth:
         self.protect_metrics = protect_metrics
 
     def protects(self, path: str) -> bool:
-        return path.startswith("/v1/") or path == "/v1" or (self.protect_metrics and path == "/metrics")
+        return (path.startswith("/v1/") or path in ("/v1", "/tokenize", "/detokenize")
+                or (self.protect_metrics and path == "/metrics"))
 
     def allowed(self, header: bytes | None) -> bool:
         if header is None:

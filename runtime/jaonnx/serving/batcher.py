@@ -22,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..generation import ResultCollector, SamplingSettings
+from ..generation import GenerationResult, RequestOutput, ResultCollector, TokenLogprob
+from ..generation.inputs import ProcessedPrompt
 from .invariance import InvarianceWarning
 
-Event = tuple[str, Any]  # ("result", payload) | ("piece", (row, text)) | ("first_token", None)
-#                          | ("error", exc) | ("cancelled", None)
+Event = tuple[str, Any]
+# ("result", list[GenerationResult] | FillMaskResult) | ("piece", Piece) | ("first_token", None)
+# | ("error", exc) | ("cancelled", None): typed payloads only; JSON is made by the response modules
 Sink = Callable[[Event], None]
 
 
@@ -45,30 +47,68 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
+    @property
+    def texts(self) -> list[str]:
+        """The request's input texts (for access logs)."""
+        raise NotImplementedError
+
 
 @dataclass
 class FillMaskJob(Job):
-    texts: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
     top_k: int = 5
+
+    @property
+    def texts(self) -> list[str]:
+        return self.inputs
+
+
+@dataclass(frozen=True)
+class FillMaskResult:
+    """A fill-mask job's answer: per input text, the `FillMask` model's typed predictions
+    (`fill_mask.Prediction`s; a list of them per mask when a text has several)."""
+
+    predictions: list[Any]
 
 
 @dataclass
 class GenerationJob(Job):
-    """Rows = prompts x num_return_sequences, all with the same resolved `settings` (stop
-    strings included), exactly as one `TextGenerator.generate` call would run them."""
+    """One engine request per processed prompt (ids, text and its own settings, resolved by
+    the model's input processor, as `TextGenerator.generate` does); rows are prompt-major."""
 
-    prompts: list[str] = field(default_factory=list)
-    prompt_ids: list[list[int]] = field(default_factory=list)
-    settings: SamplingSettings | None = None
+    inputs: list[ProcessedPrompt] = field(default_factory=list)
     stream: bool = False
+    scoring: bool = False  # only the prompts' log-probabilities are wanted (the one token made is not)
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.inputs]
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return [list(p.ids) for p in self.inputs]
 
     @property
     def n(self) -> int:
-        return self.settings.num_return_sequences if self.settings else 1
+        return self.inputs[0].settings.num_return_sequences if self.inputs else 1
 
     @property
     def rows(self) -> int:
-        return len(self.prompt_ids) * self.n
+        return len(self.inputs) * self.n
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one row of a streamed job produced in one step: its new text (possibly empty
+    while a character or a stop string is held back), new token ids, their log-probabilities
+    when asked for, and (on the row's first piece) the prompt's log-probabilities."""
+
+    row: int
+    text: str
+    token_ids: list[int]
+    context_ids: list[int]  # prompt + the tokens generated before these
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -79,7 +119,8 @@ class WorkerStats:
     failed: int = 0
     rejected: int = 0
     batches: int = 0
-    max_batch_seen: int = 0
+    max_batch_seen: int = 0  # rows (fill-mask: texts) in one batch
+    max_requests_seen: int = 0  # distinct requests (jobs) that shared one step or batch
     active_rows: int = 0
     tokens: int = 0
 
@@ -165,14 +206,14 @@ class FillMaskWorker(Worker):
         if first is None:
             return
         batch: list[FillMaskJob] = [first]  # type: ignore[list-item]
-        rows = len(first.texts)  # type: ignore[attr-defined]
+        rows = len(first.texts)
         deadline = time.monotonic() + self.max_wait_s
         while rows < self.max_batch:
             job = self._take(deadline - time.monotonic())
             if job is None:
                 break
             batch.append(job)  # type: ignore[arg-type]
-            rows += len(job.texts)  # type: ignore[attr-defined]
+            rows += len(job.texts)
         self._in_hand = batch
         self._run(batch)
         self._in_hand = []
@@ -199,10 +240,11 @@ class FillMaskWorker(Worker):
                 continue
             self.stats.batches += 1
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(texts))
+            self.stats.max_requests_seen = max(self.stats.max_requests_seen, len(jobs))
             start = 0
             for job in jobs:
                 self.stats.completed += 1
-                _send(job, ("result", results[start : start + len(job.texts)]))
+                _send(job, ("result", FillMaskResult(results[start : start + len(job.texts)])))
                 start += len(job.texts)
 
     def _fail_all(self, exc: Exception) -> None:
@@ -227,6 +269,7 @@ class GenerationWorker(Worker):
         self.engine = model.engine(max_batch_size=self.max_batch)
         self._invariance = InvarianceWarning(name, model.manifest)
         self._live: list[_Live] = []
+        self._by_request: dict[str, _Live] = {}  # engine request id -> its job: outputs are routed by id
         self._waiting: GenerationJob | None = None
         super().__init__(name, model, max_queue)
 
@@ -245,8 +288,10 @@ class GenerationWorker(Worker):
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
         self._invariance.batched(self.engine.last_step_rows)
         self.stats.tokens += self.engine.tokens_generated - before
+        stepped = {id(self._by_request[out.request_id]) for out in outputs}
+        self.stats.max_requests_seen = max(self.stats.max_requests_seen, len(stepped))
         for out in outputs:
-            next(x for x in self._live if out.request_id in x.collector).take(out)
+            self._by_request[out.request_id].take(out)
         for live in [x for x in self._live if x.collector.done]:
             self._finish(live)
         self.stats.active_rows = self.engine.num_running_rows
@@ -267,25 +312,36 @@ class GenerationWorker(Worker):
             if self._live and rows + job.rows > self.max_batch:
                 self._waiting = job  # joins when rows free up; FIFO order is kept
                 return
+            ids: list[str] = []
             try:
-                ids = [self.engine.add_request(p, settings=job.settings) for p in job.prompt_ids]
+                for p in job.inputs:
+                    ids.append(self.engine.add_request(p))
             except Exception as exc:
+                for rid in ids:
+                    self.engine.abort_request(rid)
                 self.stats.failed += 1
                 _send(job, ("error", exc))
                 continue
-            self._live.append(_Live(job, ResultCollector(job.prompts, ids, job.n)))
+            live = _Live(job, ResultCollector(job.texts, ids, job.n))
+            self._live.append(live)
+            self._by_request.update({rid: live for rid in ids})
 
     def _drop_cancelled(self) -> None:
         for live in [x for x in self._live if x.job.cancelled]:
             self._abort(live)
-            self._live.remove(live)
+            self._forget(live)
             self.stats.cancelled += 1
             _send(live.job, ("cancelled", None))
 
-    def _finish(self, live: _Live) -> None:
+    def _forget(self, live: _Live) -> None:
         self._live.remove(live)
+        for rid in live.collector.request_ids:
+            self._by_request.pop(rid, None)
+
+    def _finish(self, live: _Live) -> None:
+        self._forget(live)
         self.stats.completed += 1
-        _send(live.job, ("result", [r.to_dict() for r in live.collector.results()]))
+        _send(live.job, ("result", live.collector.results()))
 
     def _abort(self, live: _Live) -> None:
         for rid in live.collector.request_ids:
@@ -295,7 +351,7 @@ class GenerationWorker(Worker):
         jobs = [live.job for live in self._live] + ([self._waiting] if self._waiting else [])
         for live in self._live:
             self._abort(live)
-        self._live, self._waiting = [], None
+        self._live, self._by_request, self._waiting = [], {}, None
         self.engine = self.model.engine(max_batch_size=self.max_batch)  # a clean batch after a bug
         for job in jobs:
             self.stats.failed += 1
@@ -314,10 +370,12 @@ class _Live:
     def rows(self) -> int:
         return self.job.rows
 
-    def take(self, out: Any) -> None:
+    def take(self, out: RequestOutput) -> None:
         if not self.started:  # time to first token, streamed or not (metrics)
             self.started = True
             _send(self.job, ("first_token", None))
         row = self.collector.take(out)
-        if self.job.stream and out.new_text:
-            _send(self.job, ("piece", (row, out.new_text)))
+        if self.job.stream and (out.new_text or out.logprobs or out.prompt_logprobs is not None):
+            context = list(out.prompt_ids) + out.token_ids[: len(out.token_ids) - len(out.new_token_ids)]
+            _send(self.job, ("piece", Piece(row, out.new_text, list(out.new_token_ids), context, out.logprobs,
+                                            out.prompt_logprobs)))

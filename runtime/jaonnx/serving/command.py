@@ -1,15 +1,21 @@
 """`jaonnx serve`: registered in cli.py with `app.command()(serve)`. fastapi, uvicorn and ray
-are imported inside, so the rest of the CLI works without the `serve` extra."""
+are imported inside, so the rest of the CLI works without the `serve` extra.
+
+The command's options are the `ServeConfig` fields (config.py) plus where and how to run;
+its signature is built from both, so a serving setting is spelled once."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from ..artifact import read_manifest
 from ..errors import JaonnxError
+from .config import ServeConfig, cli_parameters
 
 
 def _need(module: str, extra: str = "serve") -> None:
@@ -19,50 +25,35 @@ def _need(module: str, extra: str = "serve") -> None:
         raise JaonnxError(f"serving needs {module}: pip install 'jaonnx[{extra}]'")
 
 
-def serve(
-    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories; each is served under its directory name.")],
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    max_batch_size: Annotated[int, typer.Option(help="Fill-mask texts per batch; generation rows per decode step.")] = 16,
-    max_wait_ms: Annotated[float, typer.Option(help="How long a fill-mask batch waits to fill up.")] = 5.0,
-    max_queue: Annotated[int, typer.Option(help="Requests waiting per model before 503 + Retry-After.")] = 64,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds, queueing included.")] = 120.0,
-    max_body_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
-    providers: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads per model (default: physical cores).")] = None,
-    spin: Annotated[bool, typer.Option("--spin/--no-spin", help="Let idle ORT threads busy-wait (faster alone, worse when models share cores).")] = False,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    ray: Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of one uvicorn process.")] = False,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (e.g. auto); default: start one.")] = None,
-    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (without autoscaling).")] = 1,
-    min_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling lower bound (turns autoscaling on).")] = None,
-    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscaling upper bound (turns autoscaling on).")] = None,
-    replica_cpus: Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")] = 1.0,
-    # serving-prod: operations options (auth.py, metrics.py, tracing.py)
-    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*; repeat for several keys (also JAONNX_API_KEY, comma-separated).")] = None,
-    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics", help="Serve Prometheus metrics on /metrics.")] = True,
-    metrics_auth: Annotated[bool, typer.Option("--metrics-auth", help="Require an API key on /metrics too.")] = False,
-    log_format: Annotated[str, typer.Option(help="text (uvicorn's access log) | json (one JSON line per request, no prompt text).")] = "text",
-    log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Put the prompt text in JSON access logs.")] = False,
+def run_serve(
+    artifacts: list[Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    providers: str = "auto",
+    log_level: str = "info",
+    ray: bool = False,
+    ray_address: str | None = None,
+    replicas: int = 1,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    replica_cpus: float = 1.0,
+    **settings: Any,
 ) -> None:
     """Serve ARTIFACTS over HTTP: /v1/fill-mask, /v1/generate and OpenAI's /v1/completions."""
     for path in artifacts:
         read_manifest(path)  # a one-line error for anything that is not a complete artifact
-    options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                   request_timeout=timeout, max_body_bytes=max_body_bytes, threads=threads, spinning=spin)
-    # serving-prod: keys, metrics auth and access logs
-    from types import SimpleNamespace
-
     _need("fastapi")  # operations imports pydantic
-    if metrics:
+    if settings.get("metrics", True):
         _need("prometheus_client")
     from .auth import api_keys, bind_warning
     from .operations import check_options
 
-    keys = api_keys(api_key or ())
-    options.update(api_keys=keys, metrics=metrics, metrics_auth=metrics_auth, log_format=log_format, log_prompts=log_prompts)
-    check_options(SimpleNamespace(**options))  # before Ray or uvicorn start
-    warning = bind_warning(host, keys)
+    settings["api_keys"] = api_keys(settings.get("api_keys") or ())
+    settings["threads"] = settings.get("threads")
+    config = ServeConfig().update(**settings)
+    check_options(config)  # before Ray or uvicorn start
+    options = {f.name: getattr(config, f.name) for f in fields(config)}
+    warning = bind_warning(host, config.api_keys)
     if warning:
         typer.echo(warning, err=True)
     if ray:
@@ -76,12 +67,42 @@ def serve(
         run(artifacts, host=host, port=port, address=ray_address, num_replicas=replicas, autoscaling=autoscaling,
             num_cpus=replica_cpus, providers=providers, **options)
         return
-    _need("fastapi")
     _need("uvicorn")
     import uvicorn
 
     from .app import create_app
 
-    app = create_app(artifacts, providers=providers, **options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(timeout, 1.0),
-                access_log=log_format == "text")  # serving-prod: json mode writes its own access lines
+    app = create_app(artifacts, config, providers=providers)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=max(config.request_timeout, 1.0),
+                access_log=config.log_format == "text")  # json mode writes its own access lines
+
+
+def _parameters() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    where: list[tuple[str, Any, Any]] = [
+        ("host", "127.0.0.1", Annotated[str, typer.Option(help="Address to bind (loopback by default).")]),
+        ("port", 8000, Annotated[int, typer.Option(help="Port to listen on.")]),
+        ("providers", "auto", Annotated[str, typer.Option(help="auto | cpu | cuda")]),
+        ("log_level", "info", Annotated[str, typer.Option(help="uvicorn log level.")]),
+        ("ray", False, Annotated[bool, typer.Option("--ray", help="Deploy on Ray Serve instead of one uvicorn process.")]),
+        ("ray_address", None, Annotated[Optional[str], typer.Option(
+            help="Ray cluster to join (e.g. auto); default: start one.")]),
+        ("replicas", 1, Annotated[int, typer.Option(help="Ray Serve replicas (without autoscaling).")]),
+        ("min_replicas", None, Annotated[Optional[int], typer.Option(
+            help="Autoscaling lower bound (turns autoscaling on).")]),
+        ("max_replicas", None, Annotated[Optional[int], typer.Option(
+            help="Autoscaling upper bound (turns autoscaling on).")]),
+        ("replica_cpus", 1.0, Annotated[float, typer.Option(help="CPUs Ray reserves per replica.")]),
+    ]
+    artifacts = inspect.Parameter("artifacts", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        list[Path], typer.Argument(help="Artifact directories; each is served under its directory name.")])
+    return [artifacts, *(inspect.Parameter(n, kw, default=d, annotation=a) for n, d, a in where), *cli_parameters()]
+
+
+def serve(**kwargs: Any) -> None:
+    run_serve(**kwargs)
+
+
+serve.__signature__ = inspect.Signature(_parameters())  # type: ignore[attr-defined]
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}  # type: ignore[attr-defined]
+serve.__doc__ = run_serve.__doc__

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Any
 
 from ..errors import JaonnxError
-from .batcher import GenerationJob, Job, QueueFull, Worker
+from ..generation import GenerationResult
+from .batcher import GenerationJob, Job, Piece, QueueFull, Worker
 from .schemas import RequestError, error_body
 from .validation import one_line
 
@@ -113,14 +115,25 @@ def data_line(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n"
 
 
+def generate_body(name: str, results: list[GenerationResult]) -> dict[str, Any]:
+    """`/v1/generate`'s response: each result as `GenerationResult.to_dict` gives it."""
+    return {"model": name, "results": [r.to_dict() for r in results]}
+
+
 def generate_events(model: str) -> EventMaker:
+    """`/v1/generate`'s stream: one event per piece (with its tokens' logprobs when asked),
+    then each row's finish and full result."""
     def make(kind: str, payload: Any) -> list[Any]:
         if kind == "piece":
-            row, text = payload
-            return [{"index": row, "text": text}]
+            piece: Piece = payload
+            event: dict[str, Any] = {"index": piece.row, "text": piece.text}
+            if piece.logprobs is not None:
+                event["logprobs"] = [asdict(lp) for lp in piece.logprobs]
+            return [event]
         if kind == "result":
-            return [{"index": i, "text": "", "finish_reason": r["finish_reason"], "result": r}
-                    for i, r in enumerate(payload)]
+            results: list[GenerationResult] = payload
+            return [{"index": i, "text": "", "finish_reason": r.finish_reason, "result": r.to_dict()}
+                    for i, r in enumerate(results)]
         return []
 
     return make

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..generation import GenerationResult
 from . import tracing
+from .batcher import FillMaskResult
 
 # vLLM's buckets (seconds)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
@@ -92,18 +94,18 @@ class Metrics:
 
         return observed
 
-    def _finished(self, name: str, job: Any, results: list[Any], seconds: float, after_first: float | None,
+    def _finished(self, name: str, job: Any, results: FillMaskResult | list[GenerationResult], seconds: float, after_first: float | None,
                   info: tracing.RequestInfo | None) -> None:
         self.e2e.labels(name).observe(seconds)
-        if not hasattr(job, "prompt_ids"):  # fill-mask
+        if isinstance(results, FillMaskResult):
             self.success.labels(name, "stop").inc()
             return
-        prompt = sum(len(ids) for ids in job.prompt_ids)
-        generated = [len(r["generated_ids"]) for r in results]
+        prompt = sum(len(p.ids) for p in job.inputs)
+        generated = [0 if job.scoring else len(r.generated_ids) for r in results]  # scoring generates nothing
         self.prompt_tokens.labels(name).inc(prompt)
         self.generation_tokens.labels(name).inc(sum(generated))
         for r in results:
-            self.success.labels(name, r["finish_reason"]).inc()
+            self.success.labels(name, r.finish_reason).inc()
         if after_first is not None and max(generated, default=0) > 1:
             self.tpot.labels(name).observe(after_first / (max(generated) - 1))
         if info is not None:
@@ -150,7 +152,7 @@ class InstrumentedWorker:
         info = tracing.current()
         if info is not None:
             info.model = name
-            info.prompts = list(getattr(job, "prompts", None) or getattr(job, "texts", None) or []) or None
+            info.prompts = list(job.texts) or None
         job.sink = self.metrics.observe(name, job, info)
         self.metrics.track_in_flight(name, +1)
         try:
@@ -185,7 +187,7 @@ class _WorkerState:
             queued = int(m.worker.queued)
             waiting.add_metric([name], queued)
             running.add_metric([name], self.metrics.running(name, queued))
-            batch.add_metric([name], int(getattr(m.worker.stats, "active_rows", 0)))
+            batch.add_metric([name], m.worker.stats.active_rows)
         yield from (waiting, running, batch)
 
 

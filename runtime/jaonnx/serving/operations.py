@@ -11,12 +11,13 @@ from .auth import ApiKeyAuth
 from .metrics import HttpMetrics, Metrics, metrics_router
 from .playground import playground_router
 from .schemas import CompletionRequest, FillMaskRequest, GenerateRequest
-from .scoring import ScoreGate, score_router
+from .scoring import score_router
+from .tokenize import DetokenizeRequest, TokenizeRequest
 from .tracing import RequestTracing
 
 LOG_FORMATS = ("text", "json")
 REQUEST_BODIES = {"/v1/fill-mask": FillMaskRequest, "/v1/generate": GenerateRequest,
-                  "/v1/completions": CompletionRequest}
+                  "/v1/completions": CompletionRequest, "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
 
 
 def check_options(config: Any) -> None:
@@ -36,9 +37,8 @@ def install(app: Any, served: dict[str, Any], config: Any) -> None:
     if metrics is not None:
         for m in served.values():
             m.worker = metrics.instrument(m.worker)
-    gates = {name: ScoreGate(config.max_queue) for name in served}
-    app.state.metrics, app.state.score_gates = metrics, gates
-    app.include_router(score_router(served, gates, config.max_body_bytes))
+    app.state.metrics = metrics
+    app.include_router(score_router(served, config))
     if metrics is not None:
         app.include_router(metrics_router(metrics))
         metrics.app = app

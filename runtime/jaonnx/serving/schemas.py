@@ -11,8 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from ..generation.options import GENERATION_OPTIONS, INT64, MAX_STOPS, MAX_TOKENS, Option
+from ..generation.options import GENERATION_OPTIONS, Option
+from ..generation.spec import INT64, MAX_STOPS, MAX_TOKENS
+
 MAX_ITEMS = 256  # texts or prompts in one request
+MAX_TOKEN_IDS = 1 << 16  # ids in one /detokenize request
 MAX_TOP_K = 100  # fill-mask predictions per mask
 MAX_PREDICTIONS = 5000  # texts x masks x top_k in one fill-mask request: each is a decoded sequence
 
@@ -38,6 +41,8 @@ def _field(option: Option) -> tuple[Any, Any]:
         extra["allow_inf_nan"] = False
     if option.name == "stop":
         annotation = str | list[str]
+    if option.name == "json_schema":  # structured output: the schema as an object, or as JSON text
+        annotation = dict[str, Any] | str
     return annotation | None, Field(None, ge=option.ge, gt=option.gt, le=option.le, description=option.help, **extra)
 
 
@@ -79,6 +84,32 @@ class CompletionRequest(StrictBody):
     repetition_penalty: float = Field(
         1.0, gt=EXTENSIONS["repetition_penalty"].gt, le=EXTENSIONS["repetition_penalty"].le, allow_inf_nan=False
     )
+    # Structured output (serving/structured.py): OpenAI's response_format, vLLM's fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @property
+    def greedy(self) -> bool:
+        """`temperature: 0` or `top_p: 0` (OpenAI's way to ask for greedy decoding)."""
+        return self.temperature == 0 or self.top_p == 0
+
+    def to_options(self) -> dict[str, Any]:
+        """The runtime's generation options (GENERATION_OPTIONS names) for this request.
+
+        Greedy copies are identical, so for a greedy request `n` is made by repeating the
+        prompt (the caller's job), not by `num_return_sequences`. With `echo`, `logprobs` also
+        asks for the prompt's log-probabilities (`prompt_logprobs`)."""
+        return {
+            "max_new_tokens": self.max_tokens or 16, "min_new_tokens": 0, "do_sample": not self.greedy,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": self.top_p or 1.0, "top_k": self.top_k, "repetition_penalty": self.repetition_penalty,
+            "num_return_sequences": 1 if self.greedy else (self.n or 1), "seed": self.seed, "logprobs": self.logprobs,
+            "prompt_logprobs": self.logprobs if self.echo else None, "stop": stops(self.stop),
+        }
 
 
 class RequestError(Exception):

@@ -79,26 +79,31 @@ def check_masked(model: Any, items: list[str], single: bool, top_k: int) -> None
                                 f"{MAX_PREDICTIONS} per request: lower top_k or split the request", "top_k")
 
 
-def prepare(model: Any, prompts: list[str], options: dict[str, Any], aliases: dict[str, str], stream: bool) -> GenerationJob:
-    """Tokenize and resolve the settings now, so that errors are a 400 before any streaming.
+def prepare(model: Any, prompts: list[str], options: dict[str, Any], aliases: dict[str, str], stream: bool,
+            *, scoring: int | None = None, prompt_field: str = "prompt") -> GenerationJob:
+    """Run the model's input processor now (each prompt encoded once, its settings resolved
+    for its own length, as in Python), so that errors are a 400 before any streaming.
 
-    `aliases` maps the runtime's option names to the request's (OpenAI says `max_tokens`);
-    a `JaonnxError` names its field, so no message is ever parsed."""
-    ids = []
-    for i, prompt in enumerate(prompts):
-        try:
-            ids.append(model.encode(prompt))
-        except JaonnxError as exc:
-            raise RequestError(400, one_line(exc), "prompt" if len(prompts) == 1 else f"prompt[{i}]") from None
+    `scoring` (a top-N, 0 for none) makes the job a scoring job instead (`scoring_inputs`);
+    `aliases` maps the runtime's option names to the request's (OpenAI says `max_tokens`) and
+    `prompt_field` names the prompts (`/v1/score` says `input`). A `JaonnxError` names its
+    field, so no message is ever parsed."""
     try:
-        settings = model.settings(max(map(len, ids)), **options)
+        if scoring is not None:
+            inputs = model.scoring_inputs(prompts, scoring, **options)
+        else:
+            inputs = model.process(prompts, **options)
     except JaonnxError as exc:
-        field = aliases.get(exc.field, exc.field) if exc.field else None
+        field = exc.field
+        if field is not None and (field == "prompt" or field.startswith("prompt[")):
+            field = prompt_field + field[len("prompt"):]
+        elif field is not None:
+            field = aliases.get(field, field)
         message = one_line(exc)
         for name, alias in aliases.items():
             message = message.replace(name, alias)
         raise RequestError(400, message, field) from None
-    return GenerationJob(sink=lambda _: None, prompts=prompts, prompt_ids=ids, settings=settings, stream=stream)
+    return GenerationJob(sink=lambda _: None, inputs=inputs, stream=stream, scoring=scoring is not None)
 
 
 def check_rows(rows: int, n: int, max_batch_size: int, n_field: str) -> None:
@@ -111,11 +116,10 @@ def check_rows(rows: int, n: int, max_batch_size: int, n_field: str) -> None:
 
 def openai_unsupported(req: CompletionRequest) -> None:
     checks = [
-        ("logprobs", req.logprobs is not None and bool(req.stream)), ("suffix", bool(req.suffix)),
+        ("suffix", bool(req.suffix)),
         ("presence_penalty", bool(req.presence_penalty)), ("frequency_penalty", bool(req.frequency_penalty)),
         ("logit_bias", bool(req.logit_bias)), ("best_of", req.best_of not in (None, req.n or 1)),
     ]
     for name, bad in checks:
         if bad:
-            detail = "with stream" if name == "logprobs" else "by this server"
-            raise RequestError(400, f"{name} is not supported {detail}: leave it out", name)
+            raise RequestError(400, f"{name} is not supported by this server: leave it out", name)

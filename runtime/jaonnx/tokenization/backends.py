@@ -8,6 +8,7 @@ continuation is what removes the spurious `▁` token the ALBERT and JMedRoBERTa
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,6 +22,16 @@ class Backend(Protocol):
     def decode(self, ids: list[int]) -> str: ...
     def id_to_piece(self, token_id: int) -> str: ...
     def piece_to_id(self, piece: str) -> int | None: ...
+    def token_bytes(self, token_id: int) -> bytes | None: ...
+    def encode_exact(self, text: str) -> list[int]: ...
+
+
+BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback piece
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """The bytes a sentencepiece-style piece adds to the decoded text: `▁` is a space."""
+    return piece.replace("\u2581", " ").encode("utf-8")
 
 
 class SentencePieceBackend:
@@ -36,6 +47,11 @@ class SentencePieceBackend:
         proto.ParseFromString(data)
         proto.normalizer_spec.add_dummy_prefix = False
         self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        # Structured output: the pieces of a text exactly as written (no NFKC, no space folding).
+        proto.normalizer_spec.name = "identity"
+        proto.normalizer_spec.precompiled_charsmap = b""
+        proto.normalizer_spec.remove_extra_whitespaces = False
+        self._sp_exact = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         self.vocab_size = self._sp.get_piece_size()
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
@@ -53,6 +69,20 @@ class SentencePieceBackend:
         if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
             return None
         return token_id
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes the token adds to a decoded text; None for control and unknown pieces."""
+        sp, i = self._sp, int(token_id)
+        if sp.is_control(i) or sp.is_unknown(i):
+            return None
+        if sp.is_byte(i):
+            return bytes([int(BYTE_PIECE.fullmatch(sp.id_to_piece(i)).group(1), 16)])  # type: ignore[union-attr]
+        return _piece_bytes(sp.id_to_piece(i))
+
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids of `text` as a continuation, unnormalized: their bytes join to the text's (when
+        the vocabulary can spell it)."""
+        return list(self._sp_exact.encode(text))
 
 
 def _without_prefix(node: Any) -> Any:
@@ -89,10 +119,30 @@ class TokenizersBackend:
         except Exception as exc:  # pragma: no cover - depends on exotic tokenizer.json files
             raise JaonnxError(f"cannot build a continuation tokenizer from {path}: {exc.__class__.__name__}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        exact = dict(cont, normalizer=None)
+        self._tok_exact = Tokenizer.from_str(json.dumps(exact))
+        self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        unk = (config.get("model") or {}).get("unk_id")
+        if isinstance(unk, int):
+            self._special.add(unk)
+        self._byte_fallback = bool((config.get("model") or {}).get("byte_fallback"))
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
         tok = self._tok_cont if continuation and not text[:1].isspace() else self._tok
         return tok.encode(text, add_special_tokens=False).ids
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes the token adds to a decoded text; None for special (added) tokens."""
+        i = int(token_id)
+        if i in self._special:
+            return None
+        piece = self.id_to_piece(i)
+        match = BYTE_PIECE.fullmatch(piece) if self._byte_fallback else None
+        return bytes([int(match.group(1), 16)]) if match else _piece_bytes(piece)
+
+    def encode_exact(self, text: str) -> list[int]:
+        """Ids of `text` as a continuation, unnormalized (see SentencePieceBackend)."""
+        return self._tok_exact.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
