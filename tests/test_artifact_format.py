@@ -170,7 +170,7 @@ ODD_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40
 )
 MANIFEST_FIELDS = ["recipe", "task", "model_file", "tokenizer_file", "special_ids", "vocab_size", "max_positions",
                    "inputs", "outputs", "external_data", "decoder", "recipe_spec", "tokenizer_size",
-                   "format_version", "quantization"]
+                   "format_version", "quantization", "batch_invariant"]
 
 
 FUZZED = ("rinna-roberta", "gpt2-small-ja", "ken11-albert")  # spiece.model x2, tokenizer.json

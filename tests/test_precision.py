@@ -98,7 +98,7 @@ def test_int8_graph_is_quantized_portably_and_smaller(converted: dict, artifacts
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     ops = [n.op_type for n in model.graph.node]
-    assert "DynamicQuantizeMatMul" in ops
+    assert "MatMulIntegerToFloat" in ops and "DynamicQuantizeMatMul" not in ops  # per-row, not per-tensor
     # Every product with a weight (lm_head included) is quantized; Q.K^T and attention.V remain.
     fp32_weight_products = [n.name for n in model.graph.node
                             if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
@@ -122,8 +122,9 @@ def test_int4_graph_uses_matmulnbits_with_an_int8_head(converted: dict, recipe: 
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == 4 and attrs["accuracy_level"] == 4 and attrs["block_size"] == 32
-    heads = [n for n in model.graph.node if n.op_type == "DynamicQuantizeMatMul"]
-    assert len(heads) == 1  # the LM head (default --lm-head int8)
+    heads = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    assert len(heads) == 1  # the LM head (default --lm-head int8), activations per row
+    assert "DynamicQuantizeMatMul" not in [n.op_type for n in model.graph.node]
     assert _manifest(directory)["quality"]["conversion"]["lm_head"] == "int8"
     assert any(n.op_type == "Gather" for n in model.graph.node)  # embeddings stay lookups
 
@@ -141,7 +142,7 @@ def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) ->
     assert quality["forced"] is True if not quality["passed"] else "forced" not in quality
     model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert "DynamicQuantizeMatMul" not in ops and "MatMulNBits" in ops
+    assert "MatMulIntegerToFloat" not in ops and "MatMulNBits" in ops
     blocks = {onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "MatMulNBits"
               for a in n.attribute if a.name == "block_size"}
     assert blocks == {128}
@@ -154,7 +155,7 @@ def test_int4_packing_matches_onnxruntime() -> None:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from jaonnx_export.quantize import pack_int4, unpack_int4
+    from jaonnx_export.weight_codecs import pack_int4, unpack_int4
 
     rng = np.random.default_rng(0)
     for k, n, block in [(96, 40, 32), (80, 24, 32), (256, 64, 128)]:
@@ -286,6 +287,7 @@ def test_gate_fails_without_force_and_passes_with_it(
     (("--quantize", "int8", "--dtype", "fp16"), "do not combine"),
     (("--quantize", "int4", "--int4-block", "48"), "--int4-block"),
     (("--quantize", "int4", "--lm-head", "int2"), "--lm-head"),
+    (("--quantize", "int8", "--embedding", "int2"), "--embedding"),
 ])
 def test_bad_options_are_one_line_errors(twins_dir: Path, tmp_path: Path, flags: tuple, needle: str) -> None:
     from jaonnx.errors import JaonnxError
@@ -298,7 +300,7 @@ def test_bad_options_are_one_line_errors(twins_dir: Path, tmp_path: Path, flags:
 
 
 def test_quantize_weight_round_trip() -> None:
-    from jaonnx_export.quantize import quantize_weight
+    from jaonnx_export.weight_codecs import quantize_weight
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((64, 32)).astype(np.float32)
@@ -306,3 +308,62 @@ def test_quantize_weight_round_trip() -> None:
         q, scale = quantize_weight(weight, reduce_range=reduce_range)
         assert q.dtype == np.int8 and scale.shape == (32,) and np.abs(q).max() == limit
         assert np.abs(q.astype(np.float32) * scale - weight).max() <= scale.max() / 2 + 1e-6
+
+
+def test_table_quantization_matches_gather_block_quantized() -> None:
+    """Our table codec's layout is what GatherBlockQuantized reads: ORT's rows equal our
+    dequantized table's rows, for 8 and 4 bits and an odd number of blocks per row."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaonnx_export.linear_ops import QuantizedTable
+    from jaonnx_export.weight_codecs import dequantize_table, quantize_table
+
+    rng = np.random.default_rng(0)
+    for bits, width in ((8, 96), (4, 96), (4, 64)):
+        table = rng.standard_normal((50, width)).astype(np.float32)
+        data, scales, zeros = quantize_table(table, bits, 32)
+        dequantized = dequantize_table(data, scales, zeros, bits, 32)
+        assert np.abs(dequantized - table).max() <= scales.max() / 2 + 1e-5
+        nodes, tensors = QuantizedTable(bits, 32)("ids", table, "rows", "t")
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None, None])],
+                                  [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)], tensors)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        ids = np.array([[0, 49, 7], [3, 3, 12]], dtype=np.int64)
+        np.testing.assert_array_equal(session.run(None, {"ids": ids})[0], dequantized[ids])
+
+
+@pytest.mark.parametrize("recipe, precision, flags", [
+    ("gpt2-small-ja", "int8", ("--kv-cache", "static", "--external-data", "always")),  # + the data-file path
+    ("gpt2-small-ja", "int4", ("--kv-cache", "concat")),
+    ("rinna-gpt-1b", "int4", ()),
+    ("rinna-roberta", "int4", ()),
+    ("ken11-albert", "int4", ()),
+    ("jmedroberta", "int4", ()),
+])
+def test_quantized_embedding_keeps_the_quality_gate(twins_dir: Path, cache_dir: Path, recipe: str, precision: str,
+                                                    flags: tuple) -> None:
+    """--embedding int8 (the token table as GatherBlockQuantized) on every twin: no fp32
+    [vocab, hidden] table is left (the static graph's tied LM head reads its own quantized
+    copy), the gate passes, and held-out top-1 agreement with transformers, checked
+    independently of the export's report, stays within it."""
+    import onnx
+
+    directory = export_via_cli(twins_dir / recipe, cache_dir / "precision" / f"{recipe}-{precision}-embint8",
+                               "--quantize", precision, "--embedding", "int8", "--no-optimize", *flags)
+    manifest = _manifest(directory)
+    if "always" in flags:
+        assert manifest["external_data"] == "model.onnx.data"
+    quality = manifest["quality"]
+    assert quality["passed"] and quality["conversion"]["embedding"]["bits"] == 8
+    assert manifest["batch_invariant"] is True
+    model = onnx.load(str(directory / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "GatherBlockQuantized" for n in model.graph.node) == 1
+    vocab = manifest["vocab_size"]
+    tables = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
+              and vocab in t.dims and not t.name.endswith("_scale")]  # (the blocks' scales are [vocab, H/32])
+    assert tables == []
+    top1, worst, scale = _independent_agreement(directory, twins_dir / recipe)
+    assert top1 >= 0.9, top1  # as test_converted_artifact_agrees_with_transformers (held-out sampling slack)
+    assert worst < LOGIT_DIFF[precision] * scale, (worst, scale)

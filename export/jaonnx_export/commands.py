@@ -77,6 +77,7 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Keep a converted artifact below the quality gate.")] = False,
     int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default 32).")] = None,
     lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
+    embedding: Annotated[str, typer.Option(help="int8/int4 artifacts: the token embedding table as int8 | int4 | fp32.")] = "fp32",
     kv_cache: Annotated[Optional[str], typer.Option(
         "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
     parity_atol: Annotated[Optional[float], typer.Option("--parity-atol", help="Accept a larger max |logit diff| (recorded in the manifest).")] = None,
@@ -95,7 +96,7 @@ def export(
         manifest = run_export(
             src, output, recipe_id=recipe, external_data=external_data,  # type: ignore[arg-type]
             quantize=quantize, dtype=dtype, optimize=optimize, force=force, kv_cache=kv_cache,
-            int4_block=int4_block, lm_head=lm_head, parity_atol=parity_atol, progress=step,
+            int4_block=int4_block, lm_head=lm_head, embedding=embedding, parity_atol=parity_atol, progress=step,
         )
     if as_json:
         sys.stdout.write(manifest.to_json() + "\n")

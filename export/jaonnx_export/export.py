@@ -113,6 +113,7 @@ def export(
     force: bool = False,
     int4_block: int | None = None,
     lm_head: str = "int8",
+    embedding: str = "fp32",
     kv_cache: str | None = None,
     parity_atol: float | None = None,
 ) -> Manifest:
@@ -121,6 +122,7 @@ def export(
     `quantize="int8"`/`"int4"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and
     gate it on a quality report against PyTorch (see precision.py); `optimize=None` keeps ORT's
     offline transformer fusions only where they measure faster, True/False force them on/off;
+    `embedding` ("int8"/"int4") quantizes an int8/int4 artifact's token embedding table;
     `force` keeps an artifact that fails the quality gate; `kv_cache` picks a decoder's cache
     layout ("static" or "concat", see decoder_graph.py; None: static where the model allows);
     `parity_atol` overrides the parity tolerance (recorded in the manifest).
@@ -130,7 +132,8 @@ def export(
     from .references import parity_reference
 
     step = progress or (lambda _msg: None)
-    options = precision.Options(quantize, dtype, optimize, force, int4_block or precision.rewrite.INT4_BLOCK, lm_head)
+    options = precision.Options(quantize, dtype, optimize, force, int4_block or precision.rewrite.INT4_BLOCK, lm_head,
+                                embedding)
     options.check()
     _check_parity_atol(parity_atol)
     source = resolve(src, recipe_id)
@@ -165,6 +168,7 @@ def export(
             inputs=graph.inputs, outputs=graph.outputs, opset=OPSET, source=source.name,
             decoder=graph.decoder, versions=_versions(), recipe_spec=recipe,
             tokenizer_size=backend.vocab_size, checks=checks,
+            batch_invariant=True,  # fp32; a conversion records its own (precision.convert)
         )
 
         step("computing PyTorch reference logits")

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaonnx.artifact import Manifest
 
-from .quantize import save
+from .onnx_files import write_model
 
 CONFIG_NAME = "genai_config.json"
 GRAPH_NAME = "genai.onnx"
@@ -39,7 +39,7 @@ def _genai_graph(out: Path, manifest: Manifest) -> bool:
         return False
     if not manifest.external_data:  # weights inline: move them out so both protos share them
         data_file = f"{manifest.model_file}.data"
-        save(onnx.load(str(model_path)), model_path, data_file)
+        write_model(onnx.load(str(model_path)), model_path, data_file)
         (out / data_file).chmod(0o644)  # as readable as model.onnx was
         manifest.external_data = data_file
         model = onnx.load(str(model_path), load_external_data=False)

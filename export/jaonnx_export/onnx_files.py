@@ -91,3 +91,16 @@ def _tensor_size(tensor: Any) -> int:
 
     count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+
+
+def write_model(model: Any, dst: Path, data_file: str | None) -> None:
+    """Write an in-memory `model` to `dst`, its weights in one `data_file` next to it when
+    given: the one save of every graph a conversion rewrites (quantize, fp16, genai)."""
+    import onnx
+
+    if data_file:
+        (dst.parent / data_file).unlink(missing_ok=True)  # save_model appends to an existing file
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))

@@ -2,8 +2,8 @@
 
 It quantizes (int8 / int4) or converts (fp16) as asked, tries ORT's offline fusions and keeps
 them only where interleaved timing shows them faster (the default), and gates the result on a
-quality report against the fp32 PyTorch model. The pieces live in quantize.py, optimize.py
-and quality.py; this module only orders them.
+quality report against the fp32 PyTorch model. The pieces live in quantize.py, fp16.py,
+optimize.py and quality.py; this module only orders them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from jaonnx.errors import JaonnxError
 from . import optimize as optimizer
 from . import quality
 from . import quantize as rewrite
+from .fp16 import convert_fp16
+from .graph_info import io_dtypes, node_counts
 from .quality import MIN_TOP1_AGREEMENT  # noqa: F401  (re-exported for callers)
 
 QUALITY_TEXTS = quality.QUALITY_TEXTS  # held-out sentences in the report (benchmarks lower it)
@@ -28,6 +30,7 @@ QUALITY_TEXTS = quality.QUALITY_TEXTS  # held-out sentences in the report (bench
 Progress = Callable[[str], None]
 QUANTIZATIONS = ("int8", "int4")
 LM_HEADS = ("int4", "int8", "fp32")
+EMBEDDINGS = ("int8", "int4", "fp32")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Options:
     force: bool = False
     int4_block: int = rewrite.INT4_BLOCK
     lm_head: str = "int8"  # int4 artifacts: the LM head's precision
+    embedding: str = "fp32"  # int8/int4 artifacts: the token embedding table's precision
 
     @property
     def name(self) -> str:
@@ -59,15 +63,19 @@ class Options:
             raise JaonnxError(f"--int4-block must be a power of two from 16 to 256, not {self.int4_block}")
         if self.lm_head not in LM_HEADS:
             raise JaonnxError(f"--lm-head must be int4, int8 or fp32, not {self.lm_head!r}")
+        if self.embedding not in EMBEDDINGS:
+            raise JaonnxError(f"--embedding must be int8, int4 or fp32, not {self.embedding!r}")
 
 
 def _convert_one(path: Path, target: Path, manifest: Manifest, options: Options, data_file: str | None) -> dict[str, Any]:
     if options.quantize == "int8":
-        return rewrite.quantize_int8(path, target, data_file)
+        return rewrite.quantize_int8(path, target, data_file, vocab_size=manifest.vocab_size,
+                                     embedding=options.embedding)
     if options.quantize == "int4":
-        return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block)
+        return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block,
+                                     embedding=options.embedding)
     if options.dtype == "fp16":
-        return rewrite.convert_fp16(path, target, data_file)
+        return convert_fp16(path, target, data_file)
     return {}
 
 
@@ -137,13 +145,15 @@ def convert(config: Any, reference: Any, out: Path, manifest: Manifest, options:
             chosen = next(n for n in finals if n != "plain")
         if optimization:
             optimization |= {"applied": chosen != "plain", "chosen": chosen,
-                             "nodes_before": rewrite.node_counts(finals["plain"]),
-                             "nodes_after": rewrite.node_counts(finals[chosen])}
+                             "nodes_before": node_counts(finals["plain"]),
+                             "nodes_after": node_counts(finals[chosen])}
             report["optimization"] = optimization
         manifest.external_data = _move_into(out, finals[chosen], model_file, data_file)
-    manifest.inputs, manifest.outputs = rewrite.io_dtypes(out / model_file)
+    manifest.inputs, manifest.outputs = io_dtypes(out / model_file)
     manifest.dtype = options.dtype
     manifest.quantization = options.quantize
+    # fp32/fp16 graphs have no activation quantization; int8/int4 say what their kernels are.
+    manifest.batch_invariant = bool(report.get("conversion", {}).get("batch_invariant", True))
     step(f"checking {name} quality against PyTorch on held-out text")
     report |= quality.quality_report(out, manifest, reference)
     step(quality.describe(report))

@@ -65,12 +65,25 @@ class Manifest:
     recipe_spec: Recipe | None = None
     tokenizer_size: int | None = None  # ids the tokenizer can decode; logits past it are masked
     checks: dict[str, Any] = field(default_factory=dict)  # export-time consistency findings
+    # Whether each row's numbers are independent of the other rows of a batch (activations
+    # quantized per row, never per tensor): greedy tokens are then the same alone and batched.
+    # None: exported before the field existed (see is_batch_invariant).
+    batch_invariant: bool | None = None
     format_version: int = FORMAT_VERSION
 
     @property
     def recipe_obj(self) -> Recipe:
         """The recipe recorded in the artifact (format 2), or the registry's one (format 1)."""
         return self.recipe_spec if self.recipe_spec is not None else get_recipe(self.recipe)
+
+    @property
+    def is_batch_invariant(self) -> bool:
+        """The recorded answer; for artifacts older than the field, unquantized graphs are and
+        quantized ones are not (their int8 layers, and int4's LM head, took one activation
+        scale per batch: DynamicQuantizeMatMul)."""
+        if self.batch_invariant is not None:
+            return self.batch_invariant
+        return self.quantization is None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False, indent=2)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..generation import GenerationResult, RequestOutput, ResultCollector, TokenLogprob
 from ..generation.inputs import ProcessedPrompt
+from .invariance import InvarianceWarning
 
 Event = tuple[str, Any]
 # ("result", list[GenerationResult] | FillMaskResult) | ("piece", Piece) | ("first_token", None)
@@ -271,6 +272,7 @@ class GenerationWorker(Worker):
         self.max_batch = max(1, max_batch)
         self.engine_options = dict(engine_options or {})  # max_prefill_tokens, prefix_cache, prefix_cache_mb
         self.engine = model.engine(max_batch_size=self.max_batch, **self.engine_options)
+        self._invariance = InvarianceWarning(name, model.manifest)
         self._live: list[_Live] = []
         self._by_request: dict[str, _Live] = {}  # engine request id -> its job: outputs are routed by id
         self._waiting: GenerationJob | None = None
@@ -295,6 +297,7 @@ class GenerationWorker(Worker):
             self.stats.prefix_cache_bytes = cache.bytes
         self.stats.batches += 1
         self.stats.max_batch_seen = max(self.stats.max_batch_seen, self.engine.last_step_rows)
+        self._invariance.batched(self.engine.last_step_rows)
         self.stats.tokens += self.engine.tokens_generated - before
         stepped = {id(self._by_request[out.request_id]) for out in outputs}
         self.stats.max_requests_seen = max(self.stats.max_requests_seen, len(stepped))
