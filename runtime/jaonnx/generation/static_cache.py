@@ -20,6 +20,7 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..errors import JaonnxError
+from .cuda_graphs import CudaGraphs
 
 PAST = "past_key_values."
 MIN_CAPACITY = 64
@@ -28,7 +29,9 @@ MIN_CAPACITY = 64
 class StaticBatchDecoder:
     """The running batch of a static-layout decoder artifact (see module docstring)."""
 
-    def __init__(self, session: Any, manifest: Manifest) -> None:
+    def __init__(self, session: Any, manifest: Manifest, cuda_graphs: CudaGraphs | bool | None = None) -> None:
+        """`cuda_graphs`: None captures one-token decode steps when the session has
+        `enable_cuda_graph` on (see cuda_graphs.py), False never, or the CudaGraphs to use."""
         import onnxruntime as ort
 
         shape = manifest.decoder
@@ -48,6 +51,10 @@ class StaticBatchDecoder:
         self._buffers: list[Any] = []  # numpy arrays (CPU) or OrtValues (CUDA), one per past name
         self._generation = 0  # bumped on reallocation: cached bindings hold the old addresses
         self._cached: tuple[tuple[int, ...], Any] | None = None
+        if cuda_graphs is None or cuda_graphs is True:
+            cuda_graphs = CudaGraphs.for_session(session, manifest)
+        self.graphs: CudaGraphs | None = cuda_graphs or None
+        self._run_options = self.graphs.uncaptured if self.graphs else None
 
     # ---- BatchDecoder -------------------------------------------------------------------
 
@@ -80,7 +87,11 @@ class StaticBatchDecoder:
         total = self.lengths + k
         self._ensure(self.rows, int(total.max()))
         positions = self.lengths[:, None] + np.arange(k, dtype=np.int64)
-        if k == 1 or self.rows == 1:
+        size = self.graphs.bucket(self.rows) if self.graphs is not None and k == 1 else None
+        if size is not None:
+            self._ensure(size, int(total.max()))  # the bucket's extra rows are free slots
+            logits = self.graphs.step(tokens, self.lengths, self._generation, self.capacity, self.bind_cache)
+        elif k == 1 or self.rows == 1:
             logits = self._run(tokens, positions, total - 1, int(total.max()), k, first=0)
         else:
             # GroupQueryAttention takes several new tokens against a past only for one row.
@@ -120,7 +131,7 @@ class StaticBatchDecoder:
         }
         empty = np.zeros((1, self.shape.num_heads, 0, self.shape.head_dim), dtype=self.dtype)
         feed |= {name: empty for name in self.past_names}
-        return self.session.run(["logits"], feed)[0][0].astype(np.float32, copy=False)
+        return self.session.run(["logits"], feed, self._run_options)[0][0].astype(np.float32, copy=False)
 
     # ---- the buffer ---------------------------------------------------------------------
 
@@ -134,7 +145,7 @@ class StaticBatchDecoder:
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
         binding.bind_output("logits", "cpu")  # rebound: the last run's logits have another shape
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         return binding.get_outputs()[0].numpy()
 
     def _binding(self, first: int, rows: int) -> Any:
@@ -146,14 +157,18 @@ class StaticBatchDecoder:
             return self._cached[1]
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+        self.bind_cache(binding, first, rows)
+        self._cached = (key, binding)
+        return binding
+
+    def bind_cache(self, binding: Any, first: int, rows: int) -> None:
+        """Bind the cache of rows first..first+rows-1 as both past and present (by address)."""
         shape = [rows, self.shape.num_heads, self.capacity, self.shape.head_dim]
         row_bytes = self.shape.num_heads * self.capacity * self.shape.head_dim * np.dtype(self.dtype).itemsize
         for past, present, buffer in zip(self.past_names, self.present_names, self._buffers):
             address = self._address(buffer) + first * row_bytes
             binding.bind_input(past, self.device, 0, self.dtype, shape, address)
             binding.bind_output(present, self.device, 0, self.dtype, shape, address)
-        self._cached = (key, binding)
-        return binding
 
     def _address(self, buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
