@@ -345,3 +345,22 @@ def test_fp16_static_export_passes_its_quality_report_and_is_capturable(twins_di
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert not any(n.op_type == "LayerNormalization" for n in model.graph.node)
     assert cuda_placement.problems(model) == []
+
+
+def test_fp16_static_artifact_generates_on_cpu_with_capture_on_by_default(twins_dir: Path, cache_dir: Path,
+                                                                          twin) -> None:
+    """The default (cuda_graph on for static fp16) is harmless where there is no CUDA: the CPU
+    session runs uncaptured and greedy decoding equals transformers."""
+    import jaonnx
+    from jaonnx.session import _provider_options
+
+    out = export_via_cli(twins_dir / RECIPE, cache_dir / "precision" / f"{RECIPE}-fp16", "--dtype", "fp16",
+                         "--no-optimize")
+    model = jaonnx.load(out, providers="cpu")
+    assert model.session.get_providers() == ["CPUExecutionProvider"]
+    text = "近年の機械学習は"
+    got = model.generate(text, max_new_tokens=6, do_sample=False, min_new_tokens=6, return_ids=True)
+    assert got.generated_ids == _hf_greedy(twin, got.prompt_ids, 6)
+    cuda = _provider_options("CUDAExecutionProvider", cuda_graph=True)
+    assert cuda["enable_cuda_graph"] == "1" and cuda["enable_skip_layer_norm_strict_mode"] == "1"
+    assert _provider_options("CUDAExecutionProvider")["enable_cuda_graph"] == "0"
