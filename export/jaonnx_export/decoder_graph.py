@@ -7,9 +7,12 @@ step: when the caller binds `present.*` to the memory of `past_key_values.*`, a 
 copies nothing but the new token's k/v. Rows of different lengths need no left padding, so
 positions are each row's own token count, exactly what transformers gives a prompt alone.
 
-Built directly (not traced) so the graph is independent of the torch.onnx exporter and the
-tied LM head reads the embedding table itself (a Gemm with transB=1): the weights are
-stored once.
+Built directly (not traced) so the graph is independent of the torch.onnx exporter, with
+ORT's fused ops in it (SkipLayerNormalization, FastGelu with its bias: fewer kernels on CUDA,
+LayerNorm kept fp16 by the fp16 converter; neutral on the CPU, benchmarks/results/
+fused_graph_cpu.md). The tied LM head reads the embedding table itself, stored once as
+[hidden, vocab]. Nothing in the graph computes a shape or copies a value to the host, so ORT
+can capture it as one CUDA graph (checked by jaonnx_export.cuda_placement).
 """
 
 from __future__ import annotations
