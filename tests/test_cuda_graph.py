@@ -304,8 +304,12 @@ def test_fake_device_capture_gives_the_uncaptured_tokens_as_rows_join_and_leave(
     assert [size for _, size in graphs.captured] == [2, 4, 2]
     assert len({key for key, _ in graphs.captured}) == 2
     decode = [r for r in session.runs if r != "-1"]
-    assert len(decode) == 12 and set(decode) == {"1", "2", "3"}  # every one-token step replayed a bucket
+    ids = [graph.graph_id for graph in graphs._graphs.values()]
+    assert len(decode) == 12 and set(decode) == set(ids) and len(set(ids)) == 3  # each step replayed a bucket
     assert session.runs.count("-1") == 2 and None not in session.runs  # the two prefills: uncaptured
+    other = CudaGraphs(session, "cpu", manifest.vocab_size)  # a second decoder on the same session
+    assert _join_leave(StaticBatchDecoder(session, manifest, cuda_graphs=other)) == plain
+    assert not {g.graph_id for g in other._graphs.values()} & set(ids)  # never replays another cache's graph
 
 
 def test_batches_beyond_the_largest_bucket_and_blocks_run_uncaptured(twin, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ the fixed-buffer binding there, token for token against the uncaptured decoder.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,10 @@ from ..errors import JaonnxError
 
 DEFAULT_MAX_BATCH = 32  # the largest bucket captured; bigger batches run uncaptured
 UNCAPTURED = "-1"
+# Graph ids are unique in the process: several decoders (each its own cache) may share one
+# session, and a run under an id the session has seen replays that graph's addresses. 0 is
+# ORT's default id and never used, so a run that forgets its id cannot replay a bucket.
+_GRAPH_IDS = itertools.count(1)
 CUDA = "CUDAExecutionProvider"
 
 # cache binder: (binding, first row, rows) -> binds past/present of those rows of the cache
@@ -116,7 +121,6 @@ class CudaGraphs:
     sizes: tuple[int, ...] = field(default_factory=buckets)
     ort: Any = None
     _graphs: dict[tuple[Any, int], _Bucket] = field(default_factory=dict)
-    _next_id: int = 1  # 0 is ORT's default id: never used, so a stray run cannot replay a bucket
 
     def __post_init__(self) -> None:
         if self.ort is None:
@@ -173,11 +177,10 @@ class CudaGraphs:
     def _capture(self, allocation: Any, size: int, capacity: int, bind_cache: BindCache) -> _Bucket:
         value = lambda array: self.ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)  # noqa: E731
         graph = _Bucket(
-            size=size, graph_id=str(self._next_id), binding=self.session.io_binding(),
+            size=size, graph_id=str(next(_GRAPH_IDS)), binding=self.session.io_binding(),
             ids=value(np.zeros((size, 1), dtype=np.int64)), positions=value(np.zeros((size, 1), dtype=np.int64)),
             seqlens=value(np.zeros(size, dtype=np.int32)), logits=value(np.zeros((size, 1, self.vocab), np.float32)),
         )
-        self._next_id += 1
         binding = graph.binding
         binding.bind_ortvalue_output("logits", graph.logits)
         binding.bind_ortvalue_input("input_ids", graph.ids)
