@@ -304,12 +304,12 @@ def test_fake_device_capture_gives_the_uncaptured_tokens_as_rows_join_and_leave(
     assert [size for _, size in graphs.captured] == [2, 4, 2]
     assert len({key for key, _ in graphs.captured}) == 2
     decode = [r for r in session.runs if r != "-1"]
-    ids = [graph.graph_id for graph in graphs._graphs.values()]
+    ids = [graph.graph_id for graph in graphs.graphs]
     assert len(decode) == 12 and set(decode) == set(ids) and len(set(ids)) == 3  # each step replayed a bucket
     assert session.runs.count("-1") == 2 and None not in session.runs  # the two prefills: uncaptured
     other = CudaGraphs(session, "cpu", manifest.vocab_size)  # a second decoder on the same session
     assert _join_leave(StaticBatchDecoder(session, manifest, cuda_graphs=other)) == plain
-    assert not {g.graph_id for g in other._graphs.values()} & set(ids)  # never replays another cache's graph
+    assert not {g.graph_id for g in other.graphs} & set(ids)  # never replays another cache's graph
 
 
 def test_batches_beyond_the_largest_bucket_and_blocks_run_uncaptured(twin, tmp_path: Path) -> None:
@@ -368,3 +368,68 @@ def test_fp16_static_artifact_generates_on_cpu_with_capture_on_by_default(twins_
     cuda = _provider_options("CUDAExecutionProvider", cuda_graph=True)
     assert cuda["enable_cuda_graph"] == "1" and cuda["enable_skip_layer_norm_strict_mode"] == "1"
     assert _provider_options("CUDAExecutionProvider")["enable_cuda_graph"] == "0"
+
+
+# ---- the one-call GPU check, dry run on the CPU -------------------------------------------------
+
+
+def _gpu_check(tmp_path: Path, *args: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path), "JAONNX_GPU_SITE": str(tmp_path / "site"),
+           "JAONNX_GPU_PARTS": str(tmp_path / "parts")}
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_gpu_check_dry_run_runs_every_section_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.sh --providers cpu: the tiny shape through every section the GPU
+    run reports (the capture machinery on the fake device), all of them passing."""
+    proc = _gpu_check(tmp_path, "--providers", "cpu", "--quick", "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu_check.json").read_text(encoding="utf-8"))
+    failed = {k: v for k, v in r.items() if isinstance(v, dict) and "failed" in v}
+    assert not failed, failed
+    assert r["greedy"]["ok"] and r["greedy"]["equal_captured"] and r["greedy"]["reference"] == "transformers"
+    assert r["capture"] == {"identical": True, "graphs": [2, 4, 2]}
+    decode = r["decode"]
+    assert all(decode[f"{m}_b1_ctx{c}_ms"] > 0 for m in ("captured", "uncaptured") for c in (64, 512))
+    assert decode["captured_b8_tokens_per_s"] > 0
+    assert r["bench"]["providers"] == "CPUExecutionProvider" and r["bench"]["decode_ms_per_token"]["median"] > 0
+    assert set(r["serving"]) == {"1", "8"}
+    assert all(v["tokens_per_s"] > 0 and v["ttft_ms_p50"] > 0 and v["per_token_ms_p99"] is not None
+               for v in r["serving"].values())
+    assert r["cold_start_s"] > 0 and r["targets"]["measured_on"] == "cpu"
+
+
+def test_gpu_check_without_onnxruntime_gpu_says_what_is_missing(tmp_path: Path) -> None:
+    proc = _gpu_check(tmp_path, "--quick")
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: onnxruntime-gpu is not installed"), proc.stderr
+
+
+def test_bench_providers_option_and_its_errors(twins_dir: Path, cache_dir: Path) -> None:
+    """`jaonnx bench --providers`: bad values and an absent CUDA are one-line errors; a CUDA
+    result (no host-bandwidth floor, no RSS) renders without the CPU-only rows."""
+    from rich.console import Console
+
+    from helpers import assert_one_line_error, jaonnx_cli
+    from jaonnx.bench.command import table
+
+    out = export_via_cli(twins_dir / RECIPE, cache_dir / "precision" / f"{RECIPE}-fp16", "--dtype", "fp16",
+                         "--no-optimize")
+    assert_one_line_error(jaonnx_cli("bench", str(out), "--providers", "tpu"), "--providers")
+    assert_one_line_error(jaonnx_cli("bench", str(out), "--providers", "cuda"), "CUDAExecutionProvider")
+    stat = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1, "spread": 0.0}
+    result = {"artifact": str(out), "recipe": RECIPE, "precision": "fp16", "threads": 1, "task": "text-generation",
+              "providers": "CUDAExecutionProvider", "context": 64, "ttft_ms": stat, "decode_ms_per_token": stat,
+              "bare_loop_ms_per_token": stat, "overhead_ms_per_token": stat, "tokens_per_s": {"8": stat},
+              "floor_ms_per_token": None, "floor_ratio": None, "bandwidth_gbs": None, "peak_rss_mib": None}
+    console = Console(record=True, width=200)
+    console.print(table(result))
+    text = console.export_text()
+    assert "CUDAExecutionProvider" in text and "greedy tokens/s, batch 8" in text
+    assert "floor" not in text

@@ -95,7 +95,7 @@ def run_options(ort: Any, graph_id: str) -> Any:
 
 
 @dataclass
-class _Bucket:
+class CapturedGraph:
     """One captured batch size under one cache allocation: its graph id, binding and buffers."""
 
     size: int
@@ -120,7 +120,7 @@ class CudaGraphs:
     vocab: int
     sizes: tuple[int, ...] = field(default_factory=buckets)
     ort: Any = None
-    _graphs: dict[tuple[Any, int], _Bucket] = field(default_factory=dict)
+    _graphs: dict[tuple[Any, int], CapturedGraph] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ort is None:
@@ -148,6 +148,11 @@ class CudaGraphs:
         """(allocation key, bucket size) of every graph captured so far, in capture order."""
         return list(self._graphs)
 
+    @property
+    def graphs(self) -> list[CapturedGraph]:
+        """Every captured graph (its id, bucket size, buffers and replay count), in capture order."""
+        return list(self._graphs.values())
+
     def step(self, tokens: np.ndarray, lengths: np.ndarray, allocation: Any, capacity: int,
              bind_cache: BindCache) -> np.ndarray | None:
         """Logits [rows, 1, vocab] of one decode token per row, replayed from the bucket's graph
@@ -174,9 +179,9 @@ class CudaGraphs:
         graph.runs += 1
         return graph.logits.numpy()[:rows]
 
-    def _capture(self, allocation: Any, size: int, capacity: int, bind_cache: BindCache) -> _Bucket:
+    def _capture(self, allocation: Any, size: int, capacity: int, bind_cache: BindCache) -> CapturedGraph:
         value = lambda array: self.ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)  # noqa: E731
-        graph = _Bucket(
+        graph = CapturedGraph(
             size=size, graph_id=str(next(_GRAPH_IDS)), binding=self.session.io_binding(),
             ids=value(np.zeros((size, 1), dtype=np.int64)), positions=value(np.zeros((size, 1), dtype=np.int64)),
             seqlens=value(np.zeros(size, dtype=np.int32)), logits=value(np.zeros((size, 1, self.vocab), np.float32)),
