@@ -433,3 +433,15 @@ def test_bench_providers_option_and_its_errors(twins_dir: Path, cache_dir: Path)
     text = console.export_text()
     assert "CUDAExecutionProvider" in text and "greedy tokens/s, batch 8" in text
     assert "floor" not in text
+
+
+def test_cuda_graph_true_on_a_concat_decoder_is_a_one_line_error(twins_dir: Path, cache_dir: Path) -> None:
+    import jaonnx
+    from jaonnx.errors import JaonnxError
+
+    # rinna-gpt-1b's twin has head_dim 4, which GroupQueryAttention cannot take: a concat layout
+    concat = export_via_cli(twins_dir / "rinna-gpt-1b", cache_dir / "artifacts" / "rinna-gpt-1b")
+    assert jaonnx.load(concat, providers="cpu").manifest.decoder.kv_layout == "concat"
+    with pytest.raises(JaonnxError) as err:
+        jaonnx.load(concat, providers="cpu", cuda_graph=True)
+    assert "cuda_graph=True" in str(err.value) and "\n" not in str(err.value)
