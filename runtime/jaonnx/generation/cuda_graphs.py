@@ -105,6 +105,7 @@ class CapturedGraph:
     positions: Any
     seqlens: Any
     logits: Any
+    options: Any = None  # the RunOptions carrying graph_id
     runs: int = 0
 
 
@@ -175,7 +176,7 @@ class CudaGraphs:
         graph.ids.update_inplace(ids)
         graph.positions.update_inplace(positions)
         graph.seqlens.update_inplace(seqlens)
-        self.session.run_with_iobinding(graph.binding, run_options(self.ort, graph.graph_id))
+        self.session.run_with_iobinding(graph.binding, graph.options)
         graph.runs += 1
         return graph.logits.numpy()[:rows]
 
@@ -186,6 +187,7 @@ class CudaGraphs:
             ids=value(np.zeros((size, 1), dtype=np.int64)), positions=value(np.zeros((size, 1), dtype=np.int64)),
             seqlens=value(np.zeros(size, dtype=np.int32)), logits=value(np.zeros((size, 1, self.vocab), np.float32)),
         )
+        graph.options = run_options(self.ort, graph.graph_id)
         binding = graph.binding
         binding.bind_ortvalue_output("logits", graph.logits)
         binding.bind_ortvalue_input("input_ids", graph.ids)
