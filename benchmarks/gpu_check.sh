@@ -44,7 +44,20 @@ if [ "$on_gpu" = 1 ]; then
     [ ${#missing[@]} -eq 0 ] || "$PY" -m pip install -q --no-deps --target "$SITE" "${missing[@]}"
     touch "$SITE/.gpudeps-installed"
   fi
-  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  # Every Python process (the server and the cold-start one included) must find the CUDA and
+  # cuDNN libraries of the machine's PyTorch environment: ORT's preload_dlls() at start-up.
+  HOOK="$SITE-hook"
+  mkdir -p "$HOOK"
+  cat > "$HOOK/sitecustomize.py" <<'PY'
+try:
+    import onnxruntime
+
+    if hasattr(onnxruntime, "preload_dlls"):
+        onnxruntime.preload_dlls()
+except Exception:  # the check reports a missing CUDA provider itself
+    pass
+PY
+  export PYTHONPATH="$HOOK:$SITE${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
 export PYTHONPATH="$PWD/runtime:$PWD/export${PYTHONPATH:+:$PYTHONPATH}"
