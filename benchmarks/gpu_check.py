@@ -405,9 +405,12 @@ def main() -> None:
     }
     if args.providers == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         results["error"] = "CUDAExecutionProvider is not available: install onnxruntime-gpu (benchmarks/gpu_check.sh)"
+    if "error" in results:
+        args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        raise SystemExit(f"error: {results['error']}")
     weights = random_weights(shape)
     artifact = section(results, "build", lambda: str(build_artifact(shape, weights, args.work / "artifact")))
-    if artifact is None or "error" in results:
+    if artifact is None:
         args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False))
         raise SystemExit(1)
     art = Path(artifact)
