@@ -445,3 +445,17 @@ def test_cuda_graph_true_on_a_concat_decoder_is_a_one_line_error(twins_dir: Path
     with pytest.raises(JaonnxError) as err:
         jaonnx.load(concat, providers="cpu", cuda_graph=True)
     assert "cuda_graph=True" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_gpu_check_on_a_machine_without_cuda_stops_before_building(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--providers", "cuda", "--out", str(tmp_path / "r.json"),
+                           "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                          env=os.environ.copy())
+    assert proc.returncode == 1 and "CUDAExecutionProvider is not available" in proc.stderr
+    assert "CUDAExecutionProvider is not available" in json.loads((tmp_path / "r.json").read_text())["error"]
+    assert not (tmp_path / "work").exists()  # nothing built at the 1.3B shape
