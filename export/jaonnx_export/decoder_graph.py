@@ -7,9 +7,12 @@ step: when the caller binds `present.*` to the memory of `past_key_values.*`, a 
 copies nothing but the new token's k/v. Rows of different lengths need no left padding, so
 positions are each row's own token count, exactly what transformers gives a prompt alone.
 
-Built directly (not traced) so the graph is independent of the torch.onnx exporter and the
-tied LM head reads the embedding table itself (a Gemm with transB=1): the weights are
-stored once.
+Built directly (not traced) so the graph is independent of the torch.onnx exporter, with
+ORT's fused ops in it (SkipLayerNormalization, FastGelu with its bias: fewer kernels on CUDA,
+LayerNorm kept fp16 by the fp16 converter; neutral on the CPU, benchmarks/results/
+fused_graph_cpu.md). The tied LM head reads the embedding table itself, stored once as
+[hidden, vocab]. Nothing in the graph computes a shape or copies a value to the host, so ORT
+can capture it as one CUDA graph (checked by jaonnx_export.cuda_placement).
 """
 
 from __future__ import annotations
@@ -67,9 +70,16 @@ def decoder_shape(config: Any) -> DecoderShape:
                         head_dim=int(config.n_embd) // int(config.n_head), kv_layout="static")
 
 
-def build(model: Any, path: Path) -> None:
+def build(model: Any, path: Path, fused: bool = True) -> None:
     """Write the static-cache decoder graph of a transformers GPT2LMHeadModel to `path`
-    (weights in `path`.data next to it; the caller re-saves as it likes)."""
+    (weights in `path`.data next to it; the caller re-saves as it likes).
+
+    `fused` (the default) builds ORT's fused ops directly: each residual Add + LayerNorm (and
+    the projection's bias) is one SkipLayerNormalization, each MLP bias + activation one
+    FastGelu/BiasGelu. Fewer nodes is fewer kernel launches on CUDA, and the fp16 converter
+    leaves SkipLayerNormalization in fp16 (it accumulates its mean and variance in fp32), so
+    the fp16 graph has no Cast pair around any LayerNorm. `fused=False` builds the plain ONNX
+    ops (what the fused graph is measured against)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,7 +90,7 @@ def build(model: Any, path: Path) -> None:
     weights = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
     tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
     shape = decoder_shape(config)
-    hidden, heads, eps = int(config.n_embd), shape.num_heads, float(config.layer_norm_epsilon)
+    heads, eps = shape.num_heads, float(config.layer_norm_epsilon)
     act_op, act_domain = ACTIVATIONS[config.activation_function]
 
     nodes: list[Any] = []
@@ -114,25 +124,46 @@ def build(model: Any, path: Path) -> None:
         nodes.append(helper.make_node(op, ins, [out], name=out, domain=domain, **attrs))
         return out
 
+    def weight(prefix: str) -> str:
+        return init(f"{prefix}.weight", weights[f"{prefix}.weight"])
+
+    def bias(prefix: str) -> str:
+        return init(f"{prefix}.bias", weights[f"{prefix}.bias"])
+
     def linear(x: str, prefix: str, out: str) -> str:
         # GPT-2 Conv1D weights are already [in, out]: a plain MatMul + bias Add, which the
         # int8 quantizer folds into one DynamicQuantizeMatMul.
-        y = node("MatMul", [x, init(f"{prefix}.weight", weights[f"{prefix}.weight"])], f"{out}_mm")
-        return node("Add", [y, init(f"{prefix}.bias", weights[f"{prefix}.bias"])], out)
+        return node("Add", [node("MatMul", [x, weight(prefix)], f"{out}_mm"), bias(prefix)], out)
 
     def layer_norm(x: str, prefix: str, out: str) -> str:
-        return node("LayerNormalization", [x, init(f"{prefix}.weight", weights[f"{prefix}.weight"]),
-                                           init(f"{prefix}.bias", weights[f"{prefix}.bias"])],
-                    out, axis=-1, epsilon=eps)
+        return node("LayerNormalization", [x, weight(prefix), bias(prefix)], out, axis=-1, epsilon=eps)
 
-    wte = init("transformer.wte.weight", weights["transformer.wte.weight"])
-    wpe = init("transformer.wpe.weight", weights["transformer.wpe.weight"])
-    h = node("Add", [node("Gather", [wte, "input_ids"], "tok_emb"), node("Gather", [wpe, "position_ids"], "pos_emb")],
-             "h0")
+    def skip_norm(x: str, skip: str, norm: str, add_bias: str, out: str) -> tuple[str, str]:
+        """(LayerNorm(x + skip + add_bias), x + skip + add_bias) as one SkipLayerNormalization."""
+        ins = [x, skip, weight(norm), bias(norm)] + ([bias(add_bias)] if add_bias else [])
+        total = f"{out}_sum"
+        nodes.append(helper.make_node("SkipLayerNormalization", ins, [out, "", "", total], name=out,
+                                      domain=MS_DOMAIN, epsilon=eps))
+        return out, total
+
+    # The embedding table is stored once. A tied LM head reads it as [hidden, vocab] (a MatMul
+    # on the 3-D hidden states, so the logits come out [batch, kept, vocab] with no reshape, whose
+    # shape would be computed on the CPU); the token lookup then gathers columns of that table.
+    wte_array = weights["transformer.wte.weight"]
+    if tied:
+        table = init("transformer.wte.weight.T", wte_array.T)
+        columns = node("Gather", [table, "input_ids"], "tok_emb_t", axis=1)  # [hidden, batch, seq]
+        tok = node("Transpose", [columns], "tok_emb", perm=[1, 2, 0])
+        head_weight = table
+    else:
+        tok = node("Gather", [init("transformer.wte.weight", wte_array), "input_ids"], "tok_emb")
+        head_weight = init("lm_head.weight.T", weights["lm_head.weight"].T)
+    pos = node("Gather", [init("transformer.wpe.weight", weights["transformer.wpe.weight"]), "position_ids"], "pos_emb")
     scale = 1.0 / math.sqrt(shape.head_dim)
-    for i in range(shape.num_layers):
+    last = shape.num_layers - 1
+
+    def attention(x: str, i: int) -> str:
         p = f"transformer.h.{i}"
-        x = layer_norm(h, f"{p}.ln_1", f"l{i}_ln1")
         qkv = linear(x, f"{p}.attn.c_attn", f"l{i}_qkv")
         nodes.append(helper.make_node(
             "GroupQueryAttention",
@@ -140,26 +171,48 @@ def build(model: Any, path: Path) -> None:
             [f"l{i}_attn", f"present.{i}.key", f"present.{i}.value"],
             name=f"l{i}_gqa", domain=MS_DOMAIN, num_heads=heads, kv_num_heads=heads, scale=scale, do_rotary=0,
         ))
-        h = node("Add", [h, linear(f"l{i}_attn", f"{p}.attn.c_proj", f"l{i}_attn_out")], f"l{i}_h_attn")
-        x = layer_norm(h, f"{p}.ln_2", f"l{i}_ln2")
-        m = node(act_op, [linear(x, f"{p}.mlp.c_fc", f"l{i}_fc")], f"l{i}_act", domain=act_domain)
-        h = node("Add", [h, linear(m, f"{p}.mlp.c_proj", f"l{i}_mlp_out")], f"l{i}_h")
-    h = layer_norm(h, "transformer.ln_f", "h_final")
+        return f"l{i}_attn"
 
-    # Only the last `logits_to_keep` positions go through the vocabulary projection.
-    start = node("Neg", ["logits_to_keep"], "keep_start")
-    end = init("keep_end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
-    axis = init("keep_axis", np.array([1], dtype=np.int64))
-    kept = node("Slice", [h, start, end, axis], "h_kept")
-    flat = node("Reshape", [kept, init("flat_shape", np.array([-1, hidden], dtype=np.int64))], "h_flat")
-    if tied:
-        head = node("Gemm", [flat, wte], "logits_flat", transB=1)
+    if fused:
+        x, h = skip_norm(tok, pos, "transformer.h.0.ln_1", "", "l0_ln1")
+        for i in range(shape.num_layers):
+            p = f"transformer.h.{i}"
+            attn = node("MatMul", [attention(x, i), weight(f"{p}.attn.c_proj")], f"l{i}_attn_out_mm")
+            x, h = skip_norm(attn, h, f"{p}.ln_2", f"{p}.attn.c_proj", f"l{i}_ln2")
+            fc = node("MatMul", [x, weight(f"{p}.mlp.c_fc")], f"l{i}_fc_mm")
+            if act_op == "Relu":
+                m = node("Relu", [node("Add", [fc, bias(f"{p}.mlp.c_fc")], f"l{i}_fc")], f"l{i}_act")
+            else:  # FastGelu takes the bias itself; exact gelu's biased form is BiasGelu
+                op = "FastGelu" if act_op == "FastGelu" else "BiasGelu"
+                m = node(op, [fc, bias(f"{p}.mlp.c_fc")], f"l{i}_act", domain=MS_DOMAIN)
+            mlp = node("MatMul", [m, weight(f"{p}.mlp.c_proj")], f"l{i}_mlp_out_mm")
+            following = f"transformer.h.{i + 1}.ln_1" if i < last else "transformer.ln_f"
+            x, h = skip_norm(mlp, h, following, f"{p}.mlp.c_proj", f"l{i + 1}_ln1" if i < last else "h_final")
+        hidden = x
     else:
-        head = node("MatMul", [flat, init("lm_head.weight", weights["lm_head.weight"].T)], "logits_flat")
-    lead = node("Shape", [kept], "kept_lead", start=0, end=2)
-    vocab = init("vocab", np.array([weights["transformer.wte.weight"].shape[0]], dtype=np.int64))
-    out_shape = node("Concat", [lead, vocab], "logits_shape", axis=0)
-    node("Reshape", [head, out_shape], "logits")
+        h = node("Add", [tok, pos], "h0")
+        for i in range(shape.num_layers):
+            p = f"transformer.h.{i}"
+            attn = attention(layer_norm(h, f"{p}.ln_1", f"l{i}_ln1"), i)
+            h = node("Add", [h, linear(attn, f"{p}.attn.c_proj", f"l{i}_attn_out")], f"l{i}_h_attn")
+            x = layer_norm(h, f"{p}.ln_2", f"l{i}_ln2")
+            m = node(act_op, [linear(x, f"{p}.mlp.c_fc", f"l{i}_fc")], f"l{i}_act", domain=act_domain)
+            h = node("Add", [h, linear(m, f"{p}.mlp.c_proj", f"l{i}_mlp_out")], f"l{i}_h")
+        hidden = layer_norm(h, "transformer.ln_f", "h_final")
+
+    # Only the last `logits_to_keep` positions go through the vocabulary projection. The count
+    # feeds Slice's `ends` directly (reverse, take the first `keep`, reverse back): a value
+    # computed from it (-keep as `starts`) would be made on the GPU and copied to the host each
+    # run, and a graph with such a copy cannot be captured as a CUDA graph.
+    first = init("keep_first", np.array([-1], dtype=np.int64))
+    before_all = init("keep_before_all", np.array([np.iinfo(np.int64).min], dtype=np.int64))
+    zero = init("keep_zero", np.array([0], dtype=np.int64))
+    axis = init("keep_axis", np.array([1], dtype=np.int64))
+    back = init("keep_step", np.array([-1], dtype=np.int64))
+    reversed_hidden = node("Slice", [hidden, first, before_all, axis, back], "h_reversed")
+    kept_reversed = node("Slice", [reversed_hidden, zero, "logits_to_keep", axis], "h_kept_reversed")
+    kept = node("Slice", [kept_reversed, first, before_all, axis, back], "h_kept")
+    node("MatMul", [kept, head_weight], "logits")
 
     dims = {"input_ids": ["batch", "sequence"], "position_ids": ["batch", "sequence"], "seqlens_k": ["batch"],
             "total_sequence_length": [], "logits_to_keep": [1]}

@@ -94,10 +94,14 @@ def default_threads() -> int:
 _LEVELS = {"none": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def _provider_options(name: str) -> dict[str, str]:
-    """CUDA: grow the arena by what is asked (not powers of two), heuristic conv search."""
+def _provider_options(name: str, cuda_graph: bool = False) -> dict[str, str]:
+    """CUDA: grow the arena by what is asked (not powers of two), heuristic conv search, and
+    SkipLayerNormalization's strict kernel (mean and variance accumulated in fp32: the fp16
+    static decoder keeps its LayerNorms in fp16). `cuda_graph` lets runs be captured as CUDA
+    graphs (see generation/cuda_graphs.py)."""
     if name == "CUDAExecutionProvider":
-        return {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC"}
+        return {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "HEURISTIC",
+                "enable_skip_layer_norm_strict_mode": "1", "enable_cuda_graph": "1" if cuda_graph else "0"}
     return {}
 
 
@@ -156,13 +160,15 @@ def create_session(
     spinning: bool | None = None,
     config: dict[str, str] | None = None,
     cache: bool = True,
+    cuda_graph: bool = False,
 ) -> Any:
     """An InferenceSession with the runtime's defaults: all graph optimizations, one intra-op
     thread per physical core, sequential execution, the CPU arena on. `config` adds raw ORT
     session config entries; `spinning=False` stops idle worker threads from busy-waiting
     (useful when the machine is shared with other processes). On CPU the optimized graph is
     cached at first load (see optimized_cache_path) and later sessions load it without
-    re-optimizing; `cache=False` or JAONNX_CACHE_DIR=off turns that off."""
+    re-optimizing; `cache=False` or JAONNX_CACHE_DIR=off turns that off. `cuda_graph` turns on
+    ORT's CUDA graph capture on the CUDA provider (ignored elsewhere)."""
     ort = import_ort()
     if optimization not in _LEVELS:
         raise JaonnxError(f"optimization must be one of {', '.join(_LEVELS)}, not {optimization!r}")
@@ -183,7 +189,7 @@ def create_session(
     auto = providers is None or providers == "auto"
     if auto and "CUDAExecutionProvider" not in available and _has_dist("onnxruntime-gpu"):
         warnings.warn("onnxruntime-gpu is installed but offers no CUDA provider: running on CPU", stacklevel=2)
-    with_options = [(p, _provider_options(p)) for p in chosen]
+    with_options = [(p, _provider_options(p, cuda_graph)) for p in chosen]
     load_path = Path(model_path)
     cached = None
     if cache and chosen == ["CPUExecutionProvider"] and optimization != "none" and load_path.is_file():

@@ -31,35 +31,42 @@ def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
 
 def bench_artifact(directory: str | Path, *, threads: int | None = None, batches: tuple[int, ...] = (1, 8),
                    context: int = 64, new_tokens: int = 32, rounds: int = 3, profile: bool = False,
-                   bandwidth_gbs: float | None = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+                   bandwidth_gbs: float | None = None, log: Callable[[str], None] = lambda m: None,
+                   providers: str = "cpu") -> dict[str, Any]:
+    """`providers` other than "cpu" (e.g. "cuda") measure the same figures there; the CPU-only
+    ones (read bandwidth, its floor, peak RSS) are then left out (None)."""
     import jaonnx
 
     if rounds < 1 or new_tokens < 2 or context < 1 or not batches or min(batches) < 1 or (threads or 1) < 1:
         raise JaonnxError("--rounds, --context, --threads and --batches must be >= 1 and --new-tokens >= 2")
     manifest = read_manifest(directory)
     threads = threads or default_threads()
-    model = jaonnx.load(directory, providers="cpu", intra_op_threads=threads)
+    model = jaonnx.load(directory, providers=providers, intra_op_threads=threads)
+    on_cpu = providers == "cpu"
     result: dict[str, Any] = {
         "artifact": str(directory), "recipe": manifest.recipe, "task": manifest.task,
         "precision": manifest.quantization or manifest.dtype, "threads": threads, "rounds": rounds,
+        "providers": model.session.get_providers()[0], "peak_rss_mib": None,
     }
-    log("measuring read bandwidth")
-    result["bandwidth_gbs"] = bandwidth_gbs or read_bandwidth_gbs(threads=result["threads"])
+    if on_cpu:
+        log("measuring read bandwidth")
+    result["bandwidth_gbs"] = bandwidth_gbs or (read_bandwidth_gbs(threads=result["threads"]) if on_cpu else None)
     if manifest.task == "text-generation":
-        result |= _decoder(model, manifest, directory, result, batches, context, new_tokens, rounds, log)
+        result |= _decoder(model, manifest, directory, result, batches, context, new_tokens, rounds, log, providers)
     else:
         result |= _fill_mask(model, batches, rounds, log)
-    log(f"peak RSS: a fresh process loads the artifact and runs it at batch {max(batches)}")
-    result["peak_rss_mib"] = peak_rss_of_run(directory, max(batches), threads)
-    result["peak_rss_batch"] = max(batches)
+    if on_cpu:
+        log(f"peak RSS: a fresh process loads the artifact and runs it at batch {max(batches)}")
+        result["peak_rss_mib"] = peak_rss_of_run(directory, max(batches), threads)
+        result["peak_rss_batch"] = max(batches)
     if profile:
         log("profiling (a separate session with ORT's profiler on)")
-        result["profile"] = _profile(directory, manifest.task, threads, context)
+        result["profile"] = _profile(directory, manifest.task, threads, context, providers)
     return result
 
 
 def _decoder(gen: Any, manifest: Any, directory: Any, head: dict[str, Any], batches: tuple[int, ...], context: int,
-             new: int, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+             new: int, rounds: int, log: Callable[[str], None], providers: str = "cpu") -> dict[str, Any]:
     prompt = prefix_with_tokens(lambda t: len(gen.encode(t)), context)
     greedy = {"do_sample": False}
 
@@ -67,7 +74,7 @@ def _decoder(gen: Any, manifest: Any, directory: Any, head: dict[str, Any], batc
         return _timed(lambda: gen.generate(prompts, max_new_tokens=n, min_new_tokens=n, **greedy))
 
     gen.generate([prompt], max_new_tokens=2, min_new_tokens=2, **greedy)  # warm-up
-    bare = BareDecoder(directory, threads=head["threads"])
+    bare = BareDecoder(directory, threads=head["threads"], providers=providers)
     bare.step_times(context, 2)
     log(f"decode at context {context}: generate vs a bare ORT loop, {rounds} interleaved rounds")
     candidates = {"first": run([prompt], 1), "long": run([prompt], new + 1),
@@ -78,7 +85,7 @@ def _decoder(gen: Any, manifest: Any, directory: Any, head: dict[str, Any], batc
     per_token = [(lg - f) / new for lg, f in zip(samples["long"], samples["first"])]
     read = weight_bytes(Path(directory) / manifest.model_file)
     kv = kv_bytes(manifest.decoder, context, manifest.dtype) if manifest.decoder else 0
-    floor = floor_ms(read[0] + kv, head["bandwidth_gbs"])
+    floor = floor_ms(read[0] + kv, head["bandwidth_gbs"]) if head["bandwidth_gbs"] else None
     decode = stats(per_token)
     bare_stats = stats(samples["bare"])
     return {
@@ -89,7 +96,7 @@ def _decoder(gen: Any, manifest: Any, directory: Any, head: dict[str, Any], batc
         "overhead_ms_per_token": stats([g - b for g, b in zip(per_token, samples["bare"])]).to_dict(),
         "tokens_per_s": {str(b): stats([b * new / (t / 1000) for t in samples[f"batch{b}"]]).to_dict() for b in batches},
         "weight_bytes": read[0], "weight_bytes_method": read[1], "kv_bytes": kv,
-        "floor_ms_per_token": floor, "floor_ratio": decode.median / floor,
+        "floor_ms_per_token": floor, "floor_ratio": decode.median / floor if floor else None,
     }
 
 
@@ -111,14 +118,14 @@ def _fill_mask(model: Any, batches: tuple[int, ...], rounds: int, log: Callable[
     }
 
 
-def _profile(directory: Any, task: str, threads: int | None, context: int) -> list[dict[str, Any]]:
+def _profile(directory: Any, task: str, threads: int | None, context: int, providers: str = "cpu") -> list[dict[str, Any]]:
     import jaonnx
 
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:
         os.chdir(scratch)  # ORT writes the trace into the working directory
         try:
-            model = jaonnx.load(directory, providers="cpu", intra_op_threads=threads, profile=True)
+            model = jaonnx.load(directory, providers=providers, intra_op_threads=threads, profile=True)
             if task == "text-generation":
                 model.generate([prefix_with_tokens(lambda t: len(model.encode(t)), context)], max_new_tokens=16,
                                min_new_tokens=16, do_sample=False)

@@ -29,7 +29,9 @@ def _fmt(s: dict[str, Any] | None, unit: str = "") -> str:
 
 
 def table(r: dict[str, Any]) -> Table:
-    t = Table(title=f"jaonnx bench {r['artifact']} ({r['recipe']}, {r['precision']}, {r['threads']} threads)")
+    where = f"{r['threads']} threads" if r.get("providers", "CPUExecutionProvider") == "CPUExecutionProvider" \
+        else r["providers"]
+    t = Table(title=f"jaonnx bench {r['artifact']} ({r['recipe']}, {r['precision']}, {where})")
     t.add_column("measurement")
     t.add_column("value (median, ±half spread, rounds)")
     if r["task"] == "text-generation":
@@ -40,16 +42,18 @@ def table(r: dict[str, Any]) -> Table:
         t.add_row("  work outside the graph", _fmt(r["overhead_ms_per_token"], "ms"))
         for b, s in r["tokens_per_s"].items():
             t.add_row(f"greedy tokens/s, batch {b}", _fmt(s, "tok/s"))
-        t.add_row("floor (bytes read per token / bandwidth)",
-                  f"{r['floor_ms_per_token']:.2f} ms ({(r['weight_bytes'] + r['kv_bytes']) / 1e6:.0f} MB at "
-                  f"{r['bandwidth_gbs']:.1f} GB/s)")
-        t.add_row("decode / floor", f"{r['floor_ratio']:.2f}×")
+        if r["floor_ms_per_token"] is not None:  # CPU runs only: the floor is host memory bandwidth
+            t.add_row("floor (bytes read per token / bandwidth)",
+                      f"{r['floor_ms_per_token']:.2f} ms ({(r['weight_bytes'] + r['kv_bytes']) / 1e6:.0f} MB at "
+                      f"{r['bandwidth_gbs']:.1f} GB/s)")
+            t.add_row("decode / floor", f"{r['floor_ratio']:.2f}×")
     else:
         for seq, s in r["latency_ms"].items():
             t.add_row(f"fill-mask latency, batch 1, {seq} tokens", _fmt(s, "ms"))
         for b, s in r["texts_per_s"].items():
             t.add_row(f"texts/s, batch {b}", _fmt(s, "texts/s"))
-        t.add_row("memory read bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s")
+        if r["bandwidth_gbs"] is not None:
+            t.add_row("memory read bandwidth", f"{r['bandwidth_gbs']:.1f} GB/s")
     t.add_row(f"peak RSS (load + run at batch {r.get('peak_rss_batch', '?')}, own process)",
               f"{r['peak_rss_mib']:.0f} MiB" if r.get("peak_rss_mib") else "—")
     return t
@@ -73,6 +77,7 @@ def bench(
     context: Annotated[int, typer.Option(help="Decoders: prompt length in tokens.")] = 64,
     new_tokens: Annotated[int, typer.Option("--new-tokens", "-n", help="Decoders: tokens generated per run.")] = 32,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds; each number is their median.")] = 3,
+    providers: Annotated[str, typer.Option(help="cpu | cuda: where to run (cuda needs onnxruntime-gpu and a GPU).")] = "cpu",
 ) -> None:
     """Measure an artifact on this machine: latency, tokens/s at batch 1 and 8, peak RSS, floor ratio."""
     from .artifact import bench_artifact
@@ -80,9 +85,11 @@ def bench(
     err = Console(stderr=True)
     if not (artifact / "jaonnx.json").is_file():
         raise JaonnxError(f"{artifact} is not an artifact directory (no jaonnx.json): run `jaonnx export` first")
+    if providers not in ("cpu", "cuda"):
+        raise JaonnxError(f"--providers must be cpu or cuda, not {providers!r}")
     result = bench_artifact(artifact, threads=threads, batches=_parse_batches(batches), context=context,
                             new_tokens=new_tokens, rounds=rounds, profile=profile,
-                            log=lambda m: err.print(f"[dim]{m}[/dim]"))
+                            log=lambda m: err.print(f"[dim]{m}[/dim]"), providers=providers)
     if as_json:
         sys.stdout.write(json.dumps(result, ensure_ascii=False, indent=2) + "\n")
         return

@@ -15,6 +15,7 @@ from ..errors import JaonnxError
 from ..model import ArtifactModel
 from ..recipes import GenerationDefaults
 from ..session import Providers
+from . import cuda_graphs
 from .batch import BatchDecoder
 from .decoder import ConcatBatchDecoder, DecoderSession, KVOps
 from .static_cache import StaticBatchDecoder
@@ -126,6 +127,8 @@ class TextGenerator(ArtifactModel):
     task = "text-generation"
 
     def __init__(self, directory: Path, manifest: Manifest, providers: Providers = "auto", **session_options: Any):
+        # CUDA graph capture: on by default for static fp16 decoders (cuda_graphs.check_option)
+        session_options["cuda_graph"] = cuda_graphs.check_option(session_options.get("cuda_graph"), manifest)
         super().__init__(directory, manifest, providers, **session_options)
         self.defaults: GenerationDefaults = self.recipe.generation
         self.eos_id = manifest.special_ids.get("eos")

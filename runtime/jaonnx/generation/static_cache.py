@@ -25,6 +25,7 @@ from ..artifact import Manifest
 from ..errors import JaonnxError
 from .batch import JoiningRow
 from .graph_io import GraphIO
+from .cuda_graphs import CudaGraphs
 
 MIN_CAPACITY = 64
 
@@ -32,7 +33,9 @@ MIN_CAPACITY = 64
 class StaticBatchDecoder:
     """The running batch of a static-layout decoder artifact (see module docstring)."""
 
-    def __init__(self, session: Any, manifest: Manifest) -> None:
+    def __init__(self, session: Any, manifest: Manifest, cuda_graphs: CudaGraphs | bool | None = None) -> None:
+        """`cuda_graphs`: None captures one-token decode steps when the session has
+        `enable_cuda_graph` on (see cuda_graphs.py), False never, or the CudaGraphs to use."""
         import onnxruntime as ort
 
         if manifest.decoder is None or manifest.decoder.kv_layout != "static":
@@ -53,6 +56,10 @@ class StaticBatchDecoder:
         self._generation = 0  # bumped on reallocation: cached bindings hold the old addresses
         self._cached: tuple[tuple[int, ...], Any] | None = None
         self._joining: JoiningRow | None = None  # a prompt being prefilled into slot `rows`
+        if cuda_graphs is None or cuda_graphs is True:
+            cuda_graphs = CudaGraphs.for_session(session, manifest)
+        self.graphs: CudaGraphs | None = cuda_graphs or None
+        self._run_options = self.graphs.uncaptured if self.graphs else None
 
     # ---- BatchDecoder -------------------------------------------------------------------
 
@@ -86,7 +93,14 @@ class StaticBatchDecoder:
         total = self.lengths + k
         self._ensure(self.rows, int(total.max()))
         positions = self.lengths[:, None] + np.arange(k, dtype=np.int64)
-        if k == 1 or self.rows == 1:
+        size = self.graphs.bucket(self.rows) if self.graphs is not None and k == 1 else None
+        if size is not None and size > self.rows and self._joining is not None:
+            size = None  # the bucket's spare rows would write over the prompt being prefilled in slot `rows`
+        if size is not None:
+            self._ensure(size, int(total.max()))  # the bucket's extra rows are free slots
+            logits = self.io.logits(
+                self.graphs.step(tokens, self.lengths, self._generation, self.capacity, self.bind_cache))
+        elif k == 1 or self.rows == 1:
             logits = self._run(tokens, positions, total - 1, int(total.max()), k, first=0)
         else:
             # GroupQueryAttention takes several new tokens against a past only for one row.
@@ -184,7 +198,7 @@ class StaticBatchDecoder:
         }
         empty = np.zeros((1, self.shape.num_heads, 0, self.shape.head_dim), dtype=self.dtype)
         feed |= {name: empty for name in self.past_names}
-        return self.io.logits(self.session.run(["logits"], feed)[0][0])
+        return self.io.logits(self.session.run(["logits"], feed, self._run_options)[0][0])
 
     # ---- the buffer ---------------------------------------------------------------------
 
@@ -201,7 +215,7 @@ class StaticBatchDecoder:
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         binding.bind_cpu_input("logits_to_keep", np.array([keep], dtype=np.int64))
         binding.bind_output("logits", "cpu")  # rebound: the last run's logits have another shape
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, self._run_options)
         return self.io.logits(binding.get_outputs()[0].numpy())
 
     def _binding(self, first: int, rows: int) -> Any:
@@ -219,6 +233,15 @@ class StaticBatchDecoder:
         both past and present (by address: ORT writes the new positions in place)."""
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first: get_outputs() follows binding order
+        self._bind_buffers(binding, buffers, capacity, first, rows)
+        return binding
+
+    def bind_cache(self, binding: Any, first: int, rows: int) -> None:
+        """Bind the running cache of rows first..first+rows-1 as both past and present (by
+        address): the public operation cuda_graphs.py binds its fixed per-bucket inputs with."""
+        self._bind_buffers(binding, self._buffers, self.capacity, first, rows)
+
+    def _bind_buffers(self, binding: Any, buffers: list[Any], capacity: int, first: int, rows: int) -> None:
         heads, head_dim = self.io.row_shape
         shape = [rows, heads, capacity, head_dim]
         row_bytes = heads * capacity * head_dim * np.dtype(self.dtype).itemsize
@@ -226,7 +249,6 @@ class StaticBatchDecoder:
             address = self._address(buffer) + first * row_bytes
             binding.bind_input(past, self.device, 0, self.dtype, shape, address)
             binding.bind_output(present, self.device, 0, self.dtype, shape, address)
-        return binding
 
     def _address(self, buffer: Any) -> int:
         return buffer.ctypes.data if isinstance(buffer, np.ndarray) else buffer.data_ptr()
