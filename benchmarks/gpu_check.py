@@ -127,7 +127,8 @@ def build_artifact(shape: dict[str, int], weights: dict[str, np.ndarray], out: P
     from jaonnx.artifact import Manifest
     from jaonnx.recipes import get_recipe
     from jaonnx_export import decoder_graph
-    from jaonnx_export.quantize import convert_fp16, io_dtypes
+    from jaonnx_export.fp16 import convert_fp16
+    from jaonnx_export.graph_info import io_dtypes
 
     if out.exists():
         shutil.rmtree(out)

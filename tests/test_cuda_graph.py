@@ -35,7 +35,7 @@ def _random_gpt2(activation: str, tied: bool):
 
 def _build(model, directory: Path, fused: bool = True, fp16: bool = False) -> Path:
     from jaonnx_export import decoder_graph
-    from jaonnx_export.quantize import convert_fp16
+    from jaonnx_export.fp16 import convert_fp16
 
     path = directory / "fp32" / "model.onnx"
     path.parent.mkdir(parents=True)
@@ -51,7 +51,7 @@ def _build(model, directory: Path, fused: bool = True, fp16: bool = False) -> Pa
 def _manifest(model, path: Path):
     from jaonnx.artifact import Manifest
     from jaonnx_export import decoder_graph
-    from jaonnx_export.quantize import io_dtypes
+    from jaonnx_export.graph_info import io_dtypes
 
     inputs, outputs = io_dtypes(path)
     return Manifest(recipe=RECIPE, task="text-generation", model_file=path.name, tokenizer_file="spiece.model",

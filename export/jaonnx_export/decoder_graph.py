@@ -132,7 +132,7 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
 
     def linear(x: str, prefix: str, out: str) -> str:
         # GPT-2 Conv1D weights are already [in, out]: a plain MatMul + bias Add, which the
-        # int8 quantizer folds into one DynamicQuantizeMatMul.
+        # quantizers rewrite (linear_ops.py: per-row int8, int4 blocks).
         return node("Add", [node("MatMul", [x, weight(prefix)], f"{out}_mm"), bias(prefix)], out)
 
     def layer_norm(x: str, prefix: str, out: str) -> str:
