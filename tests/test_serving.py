@@ -262,8 +262,9 @@ def test_overload_answers_503_quickly_and_recovers(artifacts: dict[str, Path]) -
 def test_timeout_is_a_json_error_and_frees_the_worker(artifacts: dict[str, Path]) -> None:
     with running_server([artifacts["rinna-gpt-1b"]], request_timeout=0.3) as (url, app):
         with httpx.Client(base_url=url, timeout=60) as c:
-            r = c.post("/v1/generate", json={"model": "rinna-gpt-1b", "prompt": "東京", "max_new_tokens": 200,
-                                             "do_sample": False, "min_new_tokens": 200})
+            # 1000 tokens: far more than the twin makes within the 0.3 s timeout, even on an idle box
+            r = c.post("/v1/generate", json={"model": "rinna-gpt-1b", "prompt": "東京", "max_new_tokens": 1000,
+                                             "do_sample": False, "min_new_tokens": 1000})
             assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
             stats = app.state.served["rinna-gpt-1b"].worker.stats
             wait_for(lambda: stats.cancelled == 1 and stats.active_rows == 0)
