@@ -46,7 +46,7 @@ PEERS = {
     "llamacpp": Peer("llamacpp", "llama.cpp (llama-cpp-python)",
                      ("llama-cpp-python", "gguf", "numpy", "safetensors", "sentencepiece", "protobuf"), False,
                      "llama_cpp",
-                     build_env=(("CMAKE_ARGS", "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF"),
+                     build_env=(("CMAKE_ARGS", "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF"),
                                 ("CMAKE_BUILD_PARALLEL_LEVEL", "2"), ("MAKEFLAGS", "-j2")),
                      pip_args=("--no-binary", "llama-cpp-python", "--no-cache-dir")),
 }
