@@ -144,6 +144,14 @@ def quantize(f32_gguf: str | Path, out: str | Path, kind: str, threads: int = 2)
     return Path(out)
 
 
+def last_logits(llm: object) -> np.ndarray:
+    """The last evaluated token's logits (Llama.eval keeps no scores unless logits_all=True)."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+
 def greedy(gguf_path: str | Path, prompt: list[int], n: int, threads: int = 2, flash_attn: bool = False) -> list[int]:
     """n greedy tokens after `prompt` (token ids: no tokenizer involved)."""
     import llama_cpp
@@ -154,7 +162,7 @@ def greedy(gguf_path: str | Path, prompt: list[int], n: int, threads: int = 2, f
     tokens = list(prompt)
     llm.eval(tokens)
     for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
         out.append(token)
         llm.eval([token])
     return out

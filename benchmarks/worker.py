@@ -305,6 +305,9 @@ class _LlamaCpp:
     def __init__(self, path: str, threads: int, a: dict[str, Any]) -> None:
         import llama_cpp
 
+        from .gguf_writer import last_logits
+
+        self.last_logits = last_logits
         self.llm = llama_cpp.Llama(path, n_ctx=a.get("n_ctx", 1024), n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, flash_attn=bool(a.get("flash_attn")), use_mmap=True,
                                    verbose=False)
@@ -317,7 +320,7 @@ class _LlamaCpp:
         llm.eval(ids[0])
         out: list[int] = []
         while True:
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            out.append(int(np.argmax(self.last_logits(llm))))
             if len(out) == n:
                 return out
             llm.eval(out[-1:])
