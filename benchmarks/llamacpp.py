@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="twin-sized shape: a smoke run")
+    parser.add_argument("--flash-attn", choices=["measure", "on", "off"], default="measure",
+                        help="measure: time off and on per GGUF and keep the faster (default)")
+    parser.add_argument("--no-first-load", action="store_true", help="skip jaonnx's first-load-ever cold start")
     parser.add_argument("--cache", default="~/.cache/jaonnx-benchmarks")
     parser.add_argument("--twins", required=True, help="a twins directory (tokenizers are taken from it)")
     parser.add_argument("--out", default=str(ROOT / "results"))
@@ -155,8 +158,8 @@ def main() -> None:
     log(f"  equal: {ours == theirs}")
 
     base = {"contexts": contexts, "prefill": texts["128"], "steps": args.steps, "repeat": 3}
-    flash = {}
-    for engine in ggufs:
+    flash = {engine: args.flash_attn == "on" for engine in ggufs}
+    for engine in ggufs if args.flash_attn == "measure" else ():
         times = {}
         for fa in (False, True):
             r = run_worker("decode_rows", {**base, "repeat": 2, "engine": "llamacpp", "path": str(ggufs[engine]),
@@ -166,6 +169,8 @@ def main() -> None:
         flash[engine] = times[True] < times[False]
         log(f"  {engine}: flash attention {'on' if flash[engine] else 'off'} ({times})")
     results["flash_attn"] = flash
+    results["flash_attn_chosen_by"] = "measured (off and on, faster kept)" if args.flash_attn == "measure" \
+        else f"--flash-attn {args.flash_attn}"
 
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in ORDER}
     cold: dict[str, list[float]] = {e: [] for e in ORDER}
@@ -181,7 +186,7 @@ def main() -> None:
             runs[engine].append(run_worker("decode_rows", wargs, args.threads, python=py))
             c = run_worker("coldstart", {**coldstart_args, **wargs}, args.threads, python=py)
             cold[engine].append(c.get("cold_start_s", float("nan")))
-            if not is_llama:  # the first load ever: an empty optimized-graph cache
+            if not is_llama and not args.no_first_load:  # the first load ever: an empty optimized-graph cache
                 with tempfile.TemporaryDirectory() as empty:
                     import os
 
@@ -234,7 +239,8 @@ def render(results: dict[str, Any]) -> str:
              f"- {results['rounds']} interleaved rounds, one fresh process per (round, engine); each cell: median "
              "[min–max] over rounds; decode = (T(n+1 tokens) − T(1 token))/n, n = "
              f"{results['steps']}; prefill = time to the first token of a 128-token prompt",
-             f"- llama.cpp: llama-cpp-python built from source with GGML_NATIVE=ON; flash attention kept where faster: "
+             "- llama.cpp: llama-cpp-python built from source with GGML_NATIVE=ON; flash attention "
+             f"({results.get('flash_attn_chosen_by', 'measured (off and on, faster kept)')}): "
              + ", ".join(f"{k.split('-', 1)[1]} {'on' if v else 'off'}" for k, v in results["flash_attn"].items()),
              f"- llama.cpp f32 greedy tokens equal transformers' (16 tokens after a 64-token prompt): "
              f"**{results['f32_greedy_equal']}**",
