@@ -195,6 +195,7 @@ def main() -> None:
                     del os.environ["JAONNX_CACHE_DIR"]
                 cold_first[engine].append(c.get("cold_start_s", float("nan")))
 
+    results["raw"] = {"runs": runs, "cold": cold, "cold_first": cold_first}
     rows: dict[str, Any] = {}
     bw = results["machine"]["read_bandwidth_gbs"]
     for engine in ORDER:
@@ -208,8 +209,9 @@ def main() -> None:
         row["prefill_128"] = _summary([x["prefill"]["median"] for x in ok])
         row["peak_rss_mib"] = _summary([x["peak_rss_mib"] for x in ok])
         row["cold_start_s"] = _summary(cold[engine])
-        if engine in cold_first:
+        if cold_first.get(engine):
             row["cold_start_first_ever_s"] = _summary(cold_first[engine])
+        if engine.startswith("jaonnx"):
             read = weight_bytes(path / "model.onnx")[0]
             row["floor_ms_ctx64"] = read / (bw * 1e9) * 1000
         row["file_bytes"] = size
