@@ -28,6 +28,8 @@ class Peer:
     packages: tuple[str, ...]
     share_torch: bool  # see the module docstring
     module: str  # imported once to check the venv works
+    build_env: tuple[tuple[str, str], ...] = ()  # extra environment for pip (source builds)
+    pip_args: tuple[str, ...] = ()
 
 
 PEERS = {
@@ -38,6 +40,15 @@ PEERS = {
     "ctranslate2": Peer("ctranslate2", "CTranslate2", ("ctranslate2", "transformers<4.58", "sentencepiece"),
                         True, "ctranslate2"),
     "genai": Peer("genai", "onnxruntime-genai", ("onnxruntime-genai", "numpy", "onnx"), False, "onnxruntime_genai"),
+    # llama.cpp: built from source with this machine's native flags (AVX-512/VNNI), as its users would
+    # build it; nice'd and at most 2 compile jobs because the machine is shared. `gguf` writes the
+    # GGUF files (benchmarks/gguf_writer.py) from the same random-weight checkpoints.
+    "llamacpp": Peer("llamacpp", "llama.cpp (llama-cpp-python)",
+                     ("llama-cpp-python", "gguf", "numpy", "safetensors", "sentencepiece", "protobuf"), False,
+                     "llama_cpp",
+                     build_env=(("CMAKE_ARGS", "-DGGML_NATIVE=ON -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAVA_BUILD=OFF"),
+                                ("CMAKE_BUILD_PARALLEL_LEVEL", "2"), ("MAKEFLAGS", "-j2")),
+                     pip_args=("--no-binary", "llama-cpp-python", "--no-cache-dir")),
 }
 
 
@@ -65,8 +76,10 @@ def ensure(key: str, log=print) -> tuple[str | None, str | None]:
             purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                      check=True, capture_output=True, text=True).stdout.strip()
             Path(purelib, "_jaonnx_base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", *peer.packages], capture_output=True,
-                              text=True, timeout=1800)
+        env = {**os.environ, **dict(peer.build_env)}
+        nice = ["nice", "-n", "15"] if peer.build_env else []
+        proc = subprocess.run([*nice, str(python), "-m", "pip", "install", "-q", *peer.pip_args, *peer.packages],
+                              capture_output=True, text=True, timeout=3600, env=env)
         if proc.returncode != 0:
             return None, f"pip install {' '.join(peer.packages)} failed: {_tail(proc.stderr)}"
         proc = subprocess.run([str(python), "-c", f"import {peer.module}"], capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """One measurement in a fresh process: `python -m benchmarks.worker KIND JSON` prints one JSON line.
 
 Kinds: make_source, export, fill_mask, generation, decode, coldstart. Engines: torch, jaonnx and the
-peers (optimum, openvino, ctranslate2, genai), each peer run with its own venv's python. Only the
+peers (optimum, openvino, ctranslate2, genai, llamacpp), each peer run with its own venv's python. Only the
 engine's own imports happen here, so a peer venv needs none of the others."""
 
 from __future__ import annotations
@@ -298,6 +298,34 @@ class _GenAI:
             g.generate_next_token()
 
 
+class _LlamaCpp:
+    """llama.cpp through llama-cpp-python's Llama (its C loop; this class only feeds token ids
+    and takes the argmax, as greedy decoding does): `path` is a GGUF file (gguf_writer.py)."""
+
+    def __init__(self, path: str, threads: int, a: dict[str, Any]) -> None:
+        import llama_cpp
+
+        from .gguf_writer import last_logits
+
+        self.last_logits = last_logits
+        self.llm = llama_cpp.Llama(path, n_ctx=a.get("n_ctx", 1024), n_batch=512, n_threads=threads,
+                                   n_threads_batch=threads, flash_attn=bool(a.get("flash_attn")), use_mmap=True,
+                                   verbose=False)
+
+    def generate(self, ids: list[list[int]], texts: list[str], n: int) -> list[int]:
+        if len(ids) != 1:
+            raise RuntimeError("llama-cpp-python's Llama decodes one sequence")
+        llm = self.llm
+        llm.reset()
+        llm.eval(ids[0])
+        out: list[int] = []
+        while True:
+            out.append(int(np.argmax(self.last_logits(llm))))
+            if len(out) == n:
+                return out
+            llm.eval(out[-1:])
+
+
 class _Jaonnx:
     def __init__(self, path: str, threads: int, a: dict[str, Any]) -> None:
         import jaonnx
@@ -318,6 +346,8 @@ def _engine(a: dict[str, Any]) -> Any:
         return _CT2(path, threads, a)
     if e == "genai":
         return _GenAI(path, threads, a)
+    if e == "llamacpp":
+        return _LlamaCpp(path, threads, a)
     return _Jaonnx(path, threads, a)
 
 
@@ -403,6 +433,20 @@ def decode(a: dict[str, Any]) -> dict[str, Any]:
     return {"decode": res, "peak_rss_mib": _peak_rss_mib()}
 
 
+def decode_rows(a: dict[str, Any]) -> dict[str, Any]:
+    """Batch-1 rows for the side-by-side with llama.cpp (benchmarks/llamacpp.py): decode ms/token
+    at each context, prefill (time to the first token) of `prefill` ids, peak RSS."""
+    d = _engine(a)
+    res: dict[str, Any] = {"decode": {}}
+    for ctx, (ids, text) in a["contexts"].items():
+        res["decode"][ctx] = _per_token(d, ids, text, a["steps"], a["repeat"])
+        res["decode"][ctx].pop("first_ms")
+    ids, text = a["prefill"]
+    res["prefill"] = timeit(lambda: d.generate([ids], [text], 1), a["repeat"], warmup=1)
+    res["peak_rss_mib"] = _peak_rss_mib()
+    return res
+
+
 # ---- cold start ---------------------------------------------------------------------------
 
 
@@ -415,6 +459,8 @@ def coldstart(a: dict[str, Any]) -> dict[str, Any]:
         import jaonnx
 
         jaonnx.load(a["path"], providers="cpu").generate(a["text"], max_new_tokens=1, do_sample=False)
+    elif a["engine"] == "llamacpp":
+        _LlamaCpp(a["path"], a["threads"], a).generate([a["ids"]], [a["text"]], 1)
     else:
         from transformers import AutoTokenizer
 
@@ -423,7 +469,7 @@ def coldstart(a: dict[str, Any]) -> dict[str, Any]:
     return {"result_at": time.time(), "peak_rss_mib": _peak_rss_mib()}
 
 
-KINDS = {f.__name__: f for f in (make_source, export, fill_mask, generation, decode, coldstart)}
+KINDS = {f.__name__: f for f in (make_source, export, fill_mask, generation, decode, decode_rows, coldstart)}
 
 if __name__ == "__main__":
     result = KINDS[sys.argv[1]](json.loads(sys.argv[2]))

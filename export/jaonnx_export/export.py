@@ -67,13 +67,20 @@ def _warn(progress: Progress | None, line: str) -> None:
         warnings.warn(line, ExportWarning, stacklevel=3)
 
 
+EAGER_ATTENTION_TASKS = frozenset({"fill-mask"})
+
+
 def _load_model(source: Source) -> Any:
     import torch
     import transformers
 
     model_class = getattr(transformers, source.recipe.architecture)
+    # Encoders trace with eager attention: ORT's Attention fusion does not match the graph that
+    # SDPA attention (transformers' default) traces to; with eager, the fused graph is a candidate
+    # that precision.convert times against the plain one.
+    attention = {"attn_implementation": "eager"} if source.recipe.task in EAGER_ATTENTION_TASKS else {}
     try:
-        model = model_class.from_pretrained(source.directory, dtype=torch.float32)
+        model = model_class.from_pretrained(source.directory, dtype=torch.float32, **attention)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
         raise JaonnxError(f"cannot load {source.name} as {model_class.__name__}: {first}") from None

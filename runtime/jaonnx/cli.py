@@ -204,6 +204,16 @@ def _register_bench() -> None:
 _register_bench()
 
 
+def _register_cache() -> None:
+    """`jaonnx cache` (list / prune / clear the ORT optimized-graph cache) lives in cache_command.py."""
+    from .cache_command import cache_app
+
+    app.add_typer(cache_app, name="cache")
+
+
+_register_cache()
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -10,6 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from . import ort_cache
 from .errors import JaonnxError
 
 Providers = str | Sequence[str] | None
@@ -105,46 +105,10 @@ def _provider_options(name: str, cuda_graph: bool = False) -> dict[str, str]:
     return {}
 
 
-# ---- the ORT-optimized graph, cached at first load ---------------------------------------------
+# ---- the ORT-optimized graph, cached at first load (ort_cache.py keeps the cache bounded) -----
 
-_CACHE_ENV = "JAONNX_CACHE_DIR"  # where optimized graphs go; "off" disables the cache
-
-
-def optimized_cache_dir() -> Path | None:
-    """$JAONNX_CACHE_DIR, else $XDG_CACHE_HOME/jaonnx/ort, else ~/.cache/jaonnx/ort; None when off."""
-    env = os.environ.get(_CACHE_ENV, "").strip()
-    if env.lower() in ("off", "0", "none"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or Path.home() / ".cache"
-    return Path(base) / "jaonnx" / "ort"
-
-
-def _cpu_signature() -> str:
-    """The CPU features an ORT-optimized graph may depend on (its level-99 layout passes)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return platform.machine() + platform.processor()
-    flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return " ".join(sorted(set(flags.split(":", 1)[-1].split())))
-
-
-def optimized_cache_path(model_path: Path, level: str, providers: Sequence[str], ort_version: str) -> Path | None:
-    """Where the optimized form of `model_path` is cached: keyed by the model files (size,
-    mtime), the ORT version, the providers, the optimization level and the CPU's features."""
-    root = optimized_cache_dir()
-    if root is None:
-        return None
-    parts = [str(model_path.resolve()), ort_version, level, ",".join(providers), _cpu_signature()]
-    for path in [model_path, *sorted(model_path.parent.glob(model_path.name + ".data"))]:
-        stat = path.stat()
-        parts.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
-    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
-    return root / key / "model.onnx"
+optimized_cache_dir = ort_cache.cache_root
+optimized_cache_path = ort_cache.entry_path
 
 
 def create_session(
@@ -191,22 +155,24 @@ def create_session(
         warnings.warn("onnxruntime-gpu is installed but offers no CUDA provider: running on CPU", stacklevel=2)
     with_options = [(p, _provider_options(p, cuda_graph)) for p in chosen]
     load_path = Path(model_path)
-    cached = None
+    cached = scratch = None
     if cache and chosen == ["CPUExecutionProvider"] and optimization != "none" and load_path.is_file():
-        cached = optimized_cache_path(load_path, optimization, chosen, ort.__version__)
+        cached = ort_cache.entry_path(load_path, optimization, chosen, ort.__version__)
     if cached is not None and cached.is_file():
         load_path = cached  # already optimized: skip ORT's graph passes
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        ort_cache.touch(cached)
     elif cached is not None:
+        limit = ort_cache.max_bytes()  # a bad $JAONNX_CACHE_MAX_SIZE fails before the slow load
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            scratch = cached.with_name(f".{os.getpid()}.model.onnx")
-            options.optimized_model_filepath = str(scratch)
+            scratch = ort_cache.scratch_dir(cached)
+            options.optimized_model_filepath = str(scratch / ort_cache.GRAPH)
             # ORT warns that a level-99 graph is for this machine only: the cache key says so.
             options.log_severity_level = max(options.log_severity_level, 3)
-            # Weights go to one external file beside it, so graphs > 2 GB can be cached too.
+            # Weights go to one external file beside it (graphs > 2 GB can be cached too; ORT
+            # memory-maps external data at load; and it can be a hard link to the artifact's).
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             scratch.name + ".data")
+                                             ort_cache.WEIGHTS)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         except OSError:
             cached = None  # read-only home: run without the cache
@@ -214,9 +180,11 @@ def create_session(
         session = ort.InferenceSession(str(load_path), sess_options=options, providers=with_options)
     except Exception as exc:  # corrupt or truncated model files
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
+        if scratch is not None:
+            ort_cache.discard(scratch)
         raise JaonnxError(f"cannot load {model_path}: {first}; re-run `jaonnx export`") from None
-    if cached is not None and load_path != cached:
-        _publish(cached.with_name(f".{os.getpid()}.model.onnx"), cached)
+    if scratch is not None and cached is not None:
+        ort_cache.publish(scratch, cached, Path(model_path), limit)
     if "CUDAExecutionProvider" in chosen and session.get_providers()[0] != "CUDAExecutionProvider":
         # ORT falls back silently when the CUDA libraries or the GPU are missing.
         if not auto:
@@ -226,15 +194,3 @@ def create_session(
             )
         warnings.warn("CUDA is not usable here (no GPU or CUDA libraries): running on CPU", stacklevel=2)
     return session
-
-
-def _publish(scratch: Path, cached: Path) -> None:
-    """Move a freshly written optimized graph into place (data file first, then the graph, so
-    a reader never finds a graph without its weights); a concurrent writer's copy is as good."""
-    data = scratch.with_name(scratch.name + ".data")
-    try:
-        if data.exists():
-            os.replace(data, cached.with_name(scratch.name + ".data"))
-        os.replace(scratch, cached)
-    except OSError:
-        pass

@@ -1,0 +1,121 @@
+"""The ORT optimized-graph cache: same logits as a cold load, weights shared with the artifact,
+a bounded size (LRU), and `jaonnx cache` to see and empty it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, jaonnx_cli
+
+from jaonnx import ort_cache
+from jaonnx.artifact import read_manifest
+from jaonnx.errors import JaonnxError
+from jaonnx.session import create_session
+
+
+def _feed(session, manifest) -> dict[str, np.ndarray]:
+    """Fixed inputs for either task: a 6-token text (fill-mask) or one decode step after 6 cached tokens."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 200, (1, 6), dtype=np.int64)
+    if manifest.task != "text-generation":
+        return {"input_ids": ids, "attention_mask": np.ones((1, 6), dtype=np.int64),
+                "mask_positions": np.array([[2]], dtype=np.int64)}
+    shape = manifest.decoder
+    feed = {"input_ids": ids[:, :1], "attention_mask": np.ones((1, 7), dtype=np.int64),
+            "position_ids": np.array([[6]], dtype=np.int64), "logits_to_keep": np.array([1], dtype=np.int64)}
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feed[i.name] = rng.standard_normal((1, shape.num_heads, 6, shape.head_dim)).astype(np.float32)
+    return feed
+
+
+def _copy(artifact: Path, to: Path) -> Path:
+    shutil.copytree(artifact, to)
+    return to / "model.onnx"
+
+
+@pytest.mark.parametrize("recipe", ["rinna-gpt-1b", "rinna-roberta"])  # external data / weights inside the graph
+def test_cached_load_gives_the_logits_of_a_cold_load(artifacts, tmp_path, monkeypatch, recipe):
+    """The cached graph (weights memory-mapped from the external file) computes exactly what a
+    session that optimizes the original graph at load computes."""
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy(artifacts[recipe], tmp_path / "artifact")
+    manifest = read_manifest(model.parent)
+    cold = create_session(model, providers="cpu", intra_op_threads=1, cache=False)
+    feed = _feed(cold, manifest)
+    expected = cold.run(None, feed)[0]
+    create_session(model, providers="cpu", intra_op_threads=1)  # writes the entry
+    cached = create_session(model, providers="cpu", intra_op_threads=1)
+    assert cached._model_path.startswith(str(tmp_path / "cache"))  # really the cached graph
+    np.testing.assert_array_equal(cached.run(None, feed)[0], expected)
+
+
+def test_entry_shares_the_artifacts_external_weights(artifacts, tmp_path, monkeypatch):
+    """Same bytes as the artifact's model.onnx.data: a hard link, not a second copy."""
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy(artifacts["rinna-gpt-1b"], tmp_path / "artifact")
+    create_session(model, providers="cpu", intra_op_threads=1)
+    (entry,) = ort_cache.entries()
+    data = model.with_name("model.onnx.data")
+    weights = Path(entry.path) / ort_cache.WEIGHTS
+    assert os.path.samefile(weights, data)
+    assert entry.shared_bytes == data.stat().st_size
+    assert entry.own_bytes < data.stat().st_size / 10
+    assert entry.model == str(model.resolve())
+
+
+def test_pruning_keeps_the_bound_and_the_recently_used(artifacts, tmp_path, monkeypatch):
+    """Three artifacts, room for two: the least recently used entry goes (a cache hit counts as use)."""
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    models = [_copy(artifacts["ken11-albert"], tmp_path / name) for name in "abc"]
+    create_session(models[0], providers="cpu", intra_op_threads=1)
+    (first,) = ort_cache.entries()
+    bound = int(first.own_bytes * 2.5)
+    monkeypatch.setenv(ort_cache.SIZE_ENV, str(bound))
+    create_session(models[1], providers="cpu", intra_op_threads=1)
+    os.utime(Path(ort_cache.entries()[-1].path), (1, 1))  # b's entry: long unused
+    create_session(models[0], providers="cpu", intra_op_threads=1)  # a: a hit, now most recent
+    create_session(models[2], providers="cpu", intra_op_threads=1)
+    kept = ort_cache.entries()
+    assert sum(e.own_bytes for e in kept) <= bound
+    assert sorted(Path(e.model).parent.name for e in kept) == ["a", "c"]
+    # A bound of 0 keeps only the entry just written.
+    monkeypatch.setenv(ort_cache.SIZE_ENV, "0")
+    create_session(_copy(artifacts["ken11-albert"], tmp_path / "d"), providers="cpu", intra_op_threads=1)
+    assert [Path(e.model).parent.name for e in ort_cache.entries()] == ["d"]
+
+
+def test_sizes_parse_and_a_bad_one_names_its_field(artifacts, tmp_path, monkeypatch):
+    assert ort_cache.parse_size("4G") == 4 * 2**30
+    assert ort_cache.parse_size("500M") == 500 * 2**20
+    assert ort_cache.parse_size("1.5k") == 1536
+    assert ort_cache.parse_size("0") == 0
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv(ort_cache.SIZE_ENV, "lots")
+    with pytest.raises(JaonnxError, match=ort_cache.SIZE_ENV):
+        create_session(artifacts["ken11-albert"] / "model.onnx", providers="cpu")
+    assert not list((tmp_path / "cache").glob("*"))  # failed before writing anything
+
+
+def test_cache_command_lists_prunes_and_clears(artifacts, tmp_path):
+    env = {"JAONNX_CACHE_DIR": str(tmp_path / "cache")}
+    for name in "ab":
+        model = _copy(artifacts["ken11-albert"], tmp_path / name)
+        proc = jaonnx_cli("fill-mask", str(model.parent), "[MASK]です", env=env)
+        assert proc.returncode == 0, proc.stderr
+    listed = json.loads(jaonnx_cli("cache", "list", env=env).stdout)
+    assert listed["count"] == 2 and listed["root"] == str(tmp_path / "cache")
+    assert listed["own_bytes"] == sum(e["own_bytes"] for e in listed["entries"]) > 0
+    pruned = json.loads(jaonnx_cli("cache", "prune", "--max-size", str(listed["own_bytes"] - 1), env=env).stdout)
+    assert pruned["deleted"]["count"] == 1 and pruned["kept"]["count"] == 1
+    assert pruned["kept"]["entries"][0]["key"] == listed["entries"][1]["key"]  # the more recent one stays
+    cleared = json.loads(jaonnx_cli("cache", "clear", env=env).stdout)
+    assert cleared["deleted"]["count"] == 1
+    assert json.loads(jaonnx_cli("cache", "list", env=env).stdout)["count"] == 0
+    assert_one_line_error(jaonnx_cli("cache", "prune", "--max-size", "big", env=env), "--max-size")
+    assert_one_line_error(jaonnx_cli("cache", "list", env={**env, ort_cache.SIZE_ENV: "x"}), ort_cache.SIZE_ENV)
