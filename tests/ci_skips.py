@@ -16,6 +16,11 @@ ALLOWED: dict[str, tuple[str, str]] = {
         "apt could not install chromium on this CI machine",
         "the browser test needs Debian's chromium; a CI machine without apt cannot install it",
     ),
+    "tests/test_gguf_writer.py": (
+        "llama-cpp-python is not installed",
+        "llama.cpp is a benchmark peer built from source (benchmarks/peers.py llamacpp), too slow for CI; "
+        "the GGUF tensor naming is still tested without it",
+    ),
 }
 
 _unlisted: list[tuple[str, str]] = []

@@ -234,11 +234,11 @@ class GPT2(Architecture):
 
     def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
                     *, quantized: bool = False) -> None:
+        if quantized:  # the head gets its own quantized copy either way; untied, the token
+            untie_lm_head(model)  # lookup stays a Gather on [vocab, hidden] that --embedding can quantize
         if layout == "static":
             decoder_graph.build(model, target)
             return
-        if quantized:
-            untie_lm_head(model)
         super().write_graph(model, recipe, layout, target)
 
 
