@@ -50,6 +50,23 @@ def hf_model(twin: Path):
     return getattr(transformers, recipe.architecture).from_pretrained(twin).eval()
 
 
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """transformers' full-sequence logits [len(ids), vocab] of one text."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
+
+
+def hf_greedy(model, ids: list[int], new: int) -> list[int]:
+    """transformers' greedy continuation of `ids` by `new` tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

@@ -91,6 +91,18 @@ def test_joining_a_running_batch_equals_solo(case, prompts, solo) -> None:
     assert [finals[str(i)] for i in range(8)] == solo
 
 
+def test_chunked_prefill_and_a_warm_prefix_equal_solo(case, prompts, solo) -> None:
+    """Prompts prefilled 5 tokens a step while rows run (chunked prefill), then the same
+    requests again with their prompts' KV warm in the prefix cache: the ids never change."""
+    engine = case.engine(max_batch_size=8, max_prefill_tokens=5)
+    order = [7, 0, 5, 2, 6, 1, 4, 3]
+    for rnd in ("cold", "warm"):
+        joins = {2 * k: [(f"{rnd}-{i}", prompts[i], GREEDY)] for k, i in enumerate(order)}
+        finals = _drain(engine, joins)
+        assert [finals[f"{rnd}-{i}"] for i in range(8)] == solo, rnd
+    assert engine.prefix_cache is not None and engine.prefix_cache.hits > 0  # the warm round reused KV
+
+
 def test_prompt_lookup_equals_plain_greedy(case, texts, prompts, solo) -> None:
     """Prompt lookup verifies drafted blocks in multi-token forwards once a row runs alone:
     rows that finish at different times leave the last ones drafting. A prompt that repeats

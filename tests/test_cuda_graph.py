@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import export_via_cli
-from helpers import hf_model
+from helpers import hf_greedy, hf_logits, hf_model
 
 RECIPE = "gpt2-small-ja"
 PROMPTS = [[5, 17, 200, 33, 9, 41, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
@@ -75,21 +75,6 @@ def _prefill_logits(session, model, ids: list[int], keep: int, dtype=np.float32)
     return session.run(["logits"], feed)[0][0]
 
 
-def _reference(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def _hf_greedy(model, ids: list[int], new: int) -> list[int]:
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
 def _greedy(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
     logits = decoder.add(prompts, reserve=max(map(len, prompts)) + new)
     out: list[list[int]] = [[] for _ in prompts]
@@ -113,11 +98,11 @@ def test_fp32_graph_logits_and_greedy_match_transformers(twin, tmp_path: Path, f
     path = _build(twin, tmp_path, fused=fused)
     session = _session(path)
     ids = PROMPTS[0]
-    want = _reference(twin, ids)
+    want = hf_logits(twin, ids)
     np.testing.assert_allclose(_prefill_logits(session, twin, ids, 1 << 30), want, atol=1e-4)
     np.testing.assert_allclose(_prefill_logits(session, twin, ids, 3), want[-3:], atol=1e-4)  # logits_to_keep
     decoder = StaticBatchDecoder(session, _manifest(twin, path))
-    assert _greedy(decoder, PROMPTS, 8) == [_hf_greedy(twin, p, 8) for p in PROMPTS]
+    assert _greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
 
 
 @pytest.mark.parametrize(("activation", "tied"), [("gelu_new", False), ("gelu", True), ("relu", True)])
@@ -129,7 +114,7 @@ def test_every_activation_and_an_untied_head_match_transformers(tmp_path: Path, 
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
     assert {"gelu_new": "FastGelu", "gelu": "BiasGelu", "relu": "Relu"}[activation] in ops
     ids = [3, 50, 7, 99, 12]
-    np.testing.assert_allclose(_prefill_logits(_session(path), model, ids, 1 << 30), _reference(model, ids), atol=1e-4)
+    np.testing.assert_allclose(_prefill_logits(_session(path), model, ids, 1 << 30), hf_logits(model, ids), atol=1e-4)
 
 
 def test_fp16_graph_on_cpu_matches_transformers_loosely(twin, tmp_path: Path) -> None:
@@ -139,14 +124,14 @@ def test_fp16_graph_on_cpu_matches_transformers_loosely(twin, tmp_path: Path) ->
     path = _build(twin, tmp_path, fp16=True)
     session = _session(path)
     for ids in PROMPTS:
-        want = _reference(twin, ids)
+        want = hf_logits(twin, ids)
         got = _prefill_logits(session, twin, ids, 1 << 30, np.float16)
         assert got.dtype == np.float32  # logits stay fp32 for the caller's softmax
         np.testing.assert_allclose(got, want, atol=0.02 * np.abs(want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all()
     decoder = StaticBatchDecoder(session, _manifest(twin, path))
     assert decoder.dtype == np.float16
-    assert _greedy(decoder, PROMPTS, 8) == [_hf_greedy(twin, p, 8) for p in PROMPTS]
+    assert _greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
 
 
 def test_fused_fp16_graph_keeps_layer_norm_in_fp16(twin, tmp_path: Path) -> None:
@@ -321,7 +306,7 @@ def test_batches_beyond_the_largest_bucket_and_blocks_run_uncaptured(twin, tmp_p
     session = _Recording(_session(path))
     graphs = CudaGraphs(session, "cpu", manifest.vocab_size, buckets(2))
     decoder = StaticBatchDecoder(session, manifest, cuda_graphs=graphs)
-    assert _greedy(decoder, PROMPTS, 4) == [_hf_greedy(twin, p, 4) for p in PROMPTS]
+    assert _greedy(decoder, PROMPTS, 4) == [hf_greedy(twin, p, 4) for p in PROMPTS]
     assert graphs.captured == [] and set(session.runs) == {"-1"}  # 3 rows > 2: never captured
     decoder = StaticBatchDecoder(session, manifest, cuda_graphs=graphs)
     logits = decoder.add([PROMPTS[0]], reserve=8)
@@ -364,7 +349,7 @@ def test_fp16_static_artifact_generates_on_cpu_with_capture_on_by_default(twins_
     assert model.session.get_providers() == ["CPUExecutionProvider"]
     text = "近年の機械学習は"
     got = model.generate(text, max_new_tokens=6, do_sample=False, min_new_tokens=6, return_ids=True)
-    assert got.generated_ids == _hf_greedy(twin, got.prompt_ids, 6)
+    assert got.generated_ids == hf_greedy(twin, got.prompt_ids, 6)
     cuda = _provider_options("CUDAExecutionProvider", cuda_graph=True)
     assert cuda["enable_cuda_graph"] == "1" and cuda["enable_skip_layer_norm_strict_mode"] == "1"
     assert _provider_options("CUDAExecutionProvider")["enable_cuda_graph"] == "0"

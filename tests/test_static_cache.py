@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import export_via_cli
-from helpers import assert_one_line_error, hf_model, hf_tokenizer, jaonnx_cli
+from helpers import assert_one_line_error, hf_greedy, hf_logits, hf_model, hf_tokenizer, jaonnx_cli
 
 RECIPE = "gpt2-small-ja"
 TEXTS = ["4年に1度オリンピックは開かれる。", "大学で", "近年の機械学習は急速に進歩しているが、その一方で"]
@@ -45,21 +45,6 @@ def _decoder(artifact: Path):
     return StaticBatchDecoder(create_session(artifact / manifest.model_file, providers="cpu"), manifest)
 
 
-def _reference(model, ids: list[int]) -> np.ndarray:
-    import torch
-
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0].numpy()
-
-
-def _hf_greedy(model, ids: list[int], new: int) -> list[int]:
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
 def test_export_writes_static_layout_and_one_embedding_table(static_artifacts: dict, model) -> None:
     import onnx
 
@@ -83,12 +68,12 @@ def test_solo_greedy_and_step_logits_match_transformers(static_artifacts: dict, 
         logits = decoder.add([ids], reserve=len(ids) + NEW_TOKENS)[0]
         sequence, got = list(ids), []
         for _ in range(NEW_TOKENS):
-            np.testing.assert_allclose(logits, _reference(model, sequence)[-1], atol=1e-3)
+            np.testing.assert_allclose(logits, hf_logits(model, sequence)[-1], atol=1e-3)
             token = int(logits.argmax())
             got.append(token)
             sequence.append(token)
             logits = decoder.step(np.array([[token]]))[0, -1]
-        assert got == _hf_greedy(model, ids, NEW_TOKENS)
+        assert got == hf_greedy(model, ids, NEW_TOKENS)
 
 
 def _greedy_batch(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
@@ -105,7 +90,7 @@ def _greedy_batch(decoder, prompts: list[list[int]], new: int) -> list[list[int]
 def test_mixed_length_batch_equals_transformers_alone(static_artifacts: dict, model, prompts: list) -> None:
     assert len({len(p) for p in prompts}) == len(prompts)  # really different lengths
     got = _greedy_batch(_decoder(static_artifacts["fp32"]), prompts, NEW_TOKENS)
-    assert got == [_hf_greedy(model, ids, NEW_TOKENS) for ids in prompts]
+    assert got == [hf_greedy(model, ids, NEW_TOKENS) for ids in prompts]
 
 
 def test_join_keep_discard_and_block_equal_solo_runs(static_artifacts: dict, model, prompts: list) -> None:
@@ -117,7 +102,7 @@ def test_join_keep_discard_and_block_equal_solo_runs(static_artifacts: dict, mod
 
     def check(rows_logits: np.ndarray) -> None:
         for row, seq in enumerate(sequences):
-            np.testing.assert_allclose(rows_logits[row], _reference(model, seq)[-1], atol=1e-3)
+            np.testing.assert_allclose(rows_logits[row], hf_logits(model, seq)[-1], atol=1e-3)
 
     check(logits)
     for round_ in range(3):
@@ -129,12 +114,12 @@ def test_join_keep_discard_and_block_equal_solo_runs(static_artifacts: dict, mod
         if round_ == 0:
             joined = decoder.add([prompts[2]], reserve=20)
             sequences.append(list(prompts[2]))
-            np.testing.assert_allclose(joined[0], _reference(model, prompts[2])[-1], atol=1e-3)
+            np.testing.assert_allclose(joined[0], hf_logits(model, prompts[2])[-1], atol=1e-3)
             logits = np.concatenate([logits, joined])
     block = np.array([[int(logits[r].argmax()), 7, 11] for r in range(decoder.rows)])
     verified = decoder.step(block)
     for row, seq in enumerate(sequences):
-        np.testing.assert_allclose(verified[row], _reference(model, seq + block[row].tolist())[-3:], atol=1e-3)
+        np.testing.assert_allclose(verified[row], hf_logits(model, seq + block[row].tolist())[-3:], atol=1e-3)
         seq.append(int(block[row, 0]))
     decoder.discard(2)
     decoder.keep([2, 0])
@@ -148,7 +133,7 @@ def test_join_keep_discard_and_block_equal_solo_runs(static_artifacts: dict, mod
     assert decoder.capacity > 64
     check(logits)
     scored = decoder.logits(prompts[1])
-    np.testing.assert_allclose(scored, _reference(model, prompts[1]), atol=1e-3)
+    np.testing.assert_allclose(scored, hf_logits(model, prompts[1]), atol=1e-3)
     assert decoder.rows == 2  # scoring left the batch alone
 
 
