@@ -55,18 +55,19 @@ def test_cached_load_gives_the_logits_of_a_cold_load(artifacts, tmp_path, monkey
     np.testing.assert_array_equal(cached.run(None, feed)[0], expected)
 
 
-def test_entry_shares_the_artifacts_external_weights(artifacts, tmp_path, monkeypatch):
-    """Same bytes as the artifact's model.onnx.data: a hard link, not a second copy."""
+def test_the_artifact_stays_loadable_by_onnx_after_its_entry_is_written(artifacts, tmp_path, monkeypatch):
+    """The entry keeps its own weights: a hard link to model.onnx.data would make `onnx.load`
+    refuse the user's artifact as a possible hardlink attack."""
+    import onnx
+
     monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
     model = _copy(artifacts["rinna-gpt-1b"], tmp_path / "artifact")
     create_session(model, providers="cpu", intra_op_threads=1)
     (entry,) = ort_cache.entries()
     data = model.with_name("model.onnx.data")
-    weights = Path(entry.path) / ort_cache.WEIGHTS
-    assert os.path.samefile(weights, data)
-    assert entry.shared_bytes == data.stat().st_size
-    assert entry.own_bytes < data.stat().st_size / 10
+    assert data.stat().st_nlink == 1 and not os.path.samefile(Path(entry.path) / ort_cache.WEIGHTS, data)
     assert entry.model == str(model.resolve())
+    onnx.load(str(model))  # raises on a data file with several hard links
 
 
 def test_pruning_keeps_the_bound_and_the_recently_used(artifacts, tmp_path, monkeypatch):

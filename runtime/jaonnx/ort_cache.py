@@ -5,8 +5,10 @@ on a busy machine), paid by every new process; a cached optimized graph loads wi
 
 Why bounded: each entry holds the optimized graph's weights. Without a bound the cache grew to
 8.3 GB in 64 entries in a day of tests and benchmarks. Now:
-- an entry whose weights are byte-identical to the artifact's external data file is a hard link
-  to it, and costs no disk (`shared_bytes`);
+- entries keep their own copy of the weights: a hard link to the artifact's data file would save
+  the disk, but `onnx.load` then refuses the artifact ("multiple hard links ... hardlink attack"),
+  so the user could no longer open their own artifact with onnx (`shared_bytes` counts links
+  that older versions made);
 - after each new entry the least recently used entries are deleted until the cache's own bytes
   fit $JAONNX_CACHE_MAX_SIZE (default 4G; "0" keeps nothing beyond the entry just written);
 - `jaonnx cache list|prune|clear` shows and empties it.
@@ -17,7 +19,6 @@ An entry is written in a scratch folder and renamed into place, so a reader neve
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import os
@@ -103,19 +104,8 @@ def scratch_dir(entry_graph: Path) -> Path:
 
 
 def publish(scratch: Path, entry_graph: Path, model_path: Path, limit: int) -> None:
-    """Share the weights with the artifact where they are the same bytes, record the source, move
-    the entry into place (a concurrent writer's entry is as good: ours is dropped), then prune
-    the cache to `limit` bytes."""
-    weights = scratch / WEIGHTS
-    data = model_path.with_name(model_path.name + ".data")
-    try:
-        if weights.is_file() and data.is_file() and weights.stat().st_size == data.stat().st_size \
-                and filecmp.cmp(weights, data, shallow=False):
-            link = scratch / (WEIGHTS + ".link")
-            os.link(data, link)  # same bytes: a second name, no second copy
-            os.replace(link, weights)
-    except OSError:
-        pass  # another file system: keep the copy
+    """Record the source, move the entry into place (a concurrent writer's entry is as good:
+    ours is dropped), then prune the cache to `limit` bytes."""
     try:
         (scratch / SOURCE).write_text(json.dumps({"model": str(model_path.resolve()), "created": time.time()}))
         os.rename(scratch, entry_graph.parent)
