@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--twins", required=True, help="a twins directory (tokenizers are taken from it)")
     parser.add_argument("--out", default=str(ROOT / "results"))
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]  # recorded: a busy machine makes llama.cpp's figures meaningless
 
     shape = (TINY if args.tiny else REAL)[args.shape]
     work = Path(args.cache).expanduser() / ("tiny" if args.tiny else "real")
@@ -217,7 +219,9 @@ def main() -> None:
         row["file_bytes"] = size
         rows[engine] = row
     results["rows"] = rows
+    results["load_average"] = load_at_start
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.shape == "gpt2-small" and not args.tiny else f"_{args.shape}" + ("_tiny" if args.tiny else "")
     (out / f"llamacpp{suffix}.json").write_text(json.dumps(results, indent=2))
     (out / f"llamacpp{suffix}.md").write_text(render(results))
@@ -236,8 +240,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"# jaonnx vs llama.cpp, {results['shape']} shape (random weights), batch 1",
              "",
              f"- CPU: {m['cpu']} ({', '.join(m['isa'])}), {m['logical_cores']} logical cores, threads used: "
-             f"{results['threads']}; read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s; **shared machine** "
-             "(other engineers' jobs ran alongside: figures are noisy)",
+             f"{results['threads']}; read bandwidth {m['read_bandwidth_gbs']:.1f} GB/s; load average at the start "
+             f"{results.get('load_average', float('nan')):.2f} (llama.cpp's busy-wait thread barriers collapse when "
+             "another process holds a core: compare only runs on a quiet machine)",
              f"- {results['rounds']} interleaved rounds, one fresh process per (round, engine); each cell: median "
              "[min–max] over rounds; decode = (T(n+1 tokens) − T(1 token))/n, n = "
              f"{results['steps']}; prefill = time to the first token of a 128-token prompt",
