@@ -230,7 +230,9 @@ class TextGenerator(ArtifactModel):
     def run(self, inputs: Sequence[ProcessedPrompt]) -> list[GenerationResult]:
         """Run processed prompts as one batch of engine requests; results prompt-major."""
         n = inputs[0].settings.num_return_sequences
-        engine = self.engine(max_batch_size=max(1, n * len(inputs)))
+        # One call's prompts arrive together: they are prefilled in one batched forward, which
+        # a prefix cache (filled chunk by chunk, for prompts that arrive over time) would prevent.
+        engine = self.engine(max_batch_size=max(1, n * len(inputs)), prefix_cache=False)
         request_ids = [engine.add_request(p) for p in inputs]
         collector = ResultCollector([p.text for p in inputs], request_ids, n)
         while engine.has_unfinished_requests():
