@@ -67,6 +67,18 @@ def hf_greedy(model, ids: list[int], new: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def batch_greedy(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Greedy ids of every prompt through a `BatchDecoder` directly: add them, then step."""
+    logits = decoder.add(prompts, reserve=max(map(len, prompts)) + new)
+    out: list[list[int]] = [[] for _ in prompts]
+    for _ in range(new):
+        tokens = logits.argmax(-1)
+        for row, token in enumerate(tokens):
+            out[row].append(int(token))
+        logits = decoder.step(tokens[:, None])[:, -1]
+    return out
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import export_via_cli
-from helpers import hf_greedy, hf_logits, hf_model
+from helpers import batch_greedy, hf_greedy, hf_logits, hf_model
 
 RECIPE = "gpt2-small-ja"
 PROMPTS = [[5, 17, 200, 33, 9, 41, 8], [9, 10], [11, 12, 13, 14, 15, 16]]
@@ -75,17 +75,6 @@ def _prefill_logits(session, model, ids: list[int], keep: int, dtype=np.float32)
     return session.run(["logits"], feed)[0][0]
 
 
-def _greedy(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
-    logits = decoder.add(prompts, reserve=max(map(len, prompts)) + new)
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(new):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = decoder.step(tokens[:, None])[:, -1]
-    return out
-
-
 @pytest.fixture(scope="module")
 def twin(twins_dir: Path):
     return hf_model(twins_dir / RECIPE)
@@ -102,7 +91,7 @@ def test_fp32_graph_logits_and_greedy_match_transformers(twin, tmp_path: Path, f
     np.testing.assert_allclose(_prefill_logits(session, twin, ids, 1 << 30), want, atol=1e-4)
     np.testing.assert_allclose(_prefill_logits(session, twin, ids, 3), want[-3:], atol=1e-4)  # logits_to_keep
     decoder = StaticBatchDecoder(session, _manifest(twin, path))
-    assert _greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
+    assert batch_greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
 
 
 @pytest.mark.parametrize(("activation", "tied"), [("gelu_new", False), ("gelu", True), ("relu", True)])
@@ -131,7 +120,7 @@ def test_fp16_graph_on_cpu_matches_transformers_loosely(twin, tmp_path: Path) ->
         assert (got.argmax(-1) == want.argmax(-1)).all()
     decoder = StaticBatchDecoder(session, _manifest(twin, path))
     assert decoder.dtype == np.float16
-    assert _greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
+    assert batch_greedy(decoder, PROMPTS, 8) == [hf_greedy(twin, p, 8) for p in PROMPTS]
 
 
 def test_fused_fp16_graph_keeps_layer_norm_in_fp16(twin, tmp_path: Path) -> None:
@@ -306,7 +295,7 @@ def test_batches_beyond_the_largest_bucket_and_blocks_run_uncaptured(twin, tmp_p
     session = _Recording(_session(path))
     graphs = CudaGraphs(session, "cpu", manifest.vocab_size, buckets(2))
     decoder = StaticBatchDecoder(session, manifest, cuda_graphs=graphs)
-    assert _greedy(decoder, PROMPTS, 4) == [hf_greedy(twin, p, 4) for p in PROMPTS]
+    assert batch_greedy(decoder, PROMPTS, 4) == [hf_greedy(twin, p, 4) for p in PROMPTS]
     assert graphs.captured == [] and set(session.runs) == {"-1"}  # 3 rows > 2: never captured
     decoder = StaticBatchDecoder(session, manifest, cuda_graphs=graphs)
     logits = decoder.add([PROMPTS[0]], reserve=8)

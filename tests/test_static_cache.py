@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import export_via_cli
-from helpers import assert_one_line_error, hf_greedy, hf_logits, hf_model, hf_tokenizer, jaonnx_cli
+from helpers import assert_one_line_error, batch_greedy, hf_greedy, hf_logits, hf_model, hf_tokenizer, jaonnx_cli
 
 RECIPE = "gpt2-small-ja"
 TEXTS = ["4年に1度オリンピックは開かれる。", "大学で", "近年の機械学習は急速に進歩しているが、その一方で"]
@@ -76,20 +76,9 @@ def test_solo_greedy_and_step_logits_match_transformers(static_artifacts: dict, 
         assert got == hf_greedy(model, ids, NEW_TOKENS)
 
 
-def _greedy_batch(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
-    logits = decoder.add(prompts, reserve=max(map(len, prompts)) + new)
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(new):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = decoder.step(tokens[:, None])[:, -1]
-    return out
-
-
 def test_mixed_length_batch_equals_transformers_alone(static_artifacts: dict, model, prompts: list) -> None:
     assert len({len(p) for p in prompts}) == len(prompts)  # really different lengths
-    got = _greedy_batch(_decoder(static_artifacts["fp32"]), prompts, NEW_TOKENS)
+    got = batch_greedy(_decoder(static_artifacts["fp32"]), prompts, NEW_TOKENS)
     assert got == [hf_greedy(model, ids, NEW_TOKENS) for ids in prompts]
 
 
@@ -149,7 +138,7 @@ def test_int8_static_graph_quantizes_every_matmul_and_head(static_artifacts: dic
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulIntegerToFloat") == 4 * model.config.n_layer + 1  # the tied head too (per-row int8)
     assert "MatMul" not in ops and "Gemm" not in ops
-    got = _greedy_batch(_decoder(static_artifacts["int8"]), prompts, 4)
+    got = batch_greedy(_decoder(static_artifacts["int8"]), prompts, 4)
     assert [len(r) for r in got] == [4, 4, 4]
 
 
