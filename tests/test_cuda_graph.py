@@ -358,6 +358,12 @@ def _gpu_check(tmp_path: Path, *args: str) -> "subprocess.CompletedProcess[str]"
     return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=600, env=env)
 
 
+def _number(value: object) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def test_gpu_check_dry_run_runs_every_section_on_the_cpu(tmp_path: Path) -> None:
     """benchmarks/gpu_check.sh --providers cpu: the tiny shape through every section the GPU
     run reports (the capture machinery on the fake device), all of them passing."""
@@ -369,9 +375,11 @@ def test_gpu_check_dry_run_runs_every_section_on_the_cpu(tmp_path: Path) -> None
     assert r["greedy"]["ok"] and r["greedy"]["equal_captured"] and r["greedy"]["reference"] == "transformers"
     assert r["capture"] == {"identical": True, "graphs": [2, 4, 2]}
     decode = r["decode"]
-    assert all(decode[f"{m}_b1_ctx{c}_ms"] > 0 for m in ("captured", "uncaptured") for c in (64, 512))
-    assert decode["captured_b8_tokens_per_s"] > 0
-    assert r["bench"]["providers"] == "CPUExecutionProvider" and r["bench"]["decode_ms_per_token"]["median"] > 0
+    # timings are differences of two timed runs: on a tiny twin they can be ~0 or negative; the dry
+    # run checks that every section ran and reported a number, not how fast
+    assert all(_number(decode[f"{m}_b1_ctx{c}_ms"]) for m in ("captured", "uncaptured") for c in (64, 512))
+    assert _number(decode["captured_b8_tokens_per_s"])
+    assert r["bench"]["providers"] == "CPUExecutionProvider" and _number(r["bench"]["decode_ms_per_token"]["median"])
     assert set(r["serving"]) == {"1", "8"}
     assert all(v["tokens_per_s"] > 0 and v["ttft_ms_p50"] > 0 and v["per_token_ms_p99"] is not None
                for v in r["serving"].values())
