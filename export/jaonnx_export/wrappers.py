@@ -45,13 +45,22 @@ class MaskedLMWithPositions(nn.Module):
             index = mask_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             return self.head(torch.gather(hidden, 1, index))
         hidden = self.encoder.embeddings(input_ids=input_ids, position_ids=positions, **extra)
-        # transformers' eager attention adds the same mask: 0 for tokens, the dtype's minimum for padding
-        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        additive = additive_mask(attention_mask, hidden.dtype)
         for layer in self.layers[:-1]:
             out = layer(hidden, additive)
             hidden = out[0] if isinstance(out, tuple) else out
         index = mask_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
         return self.head(bert_layer_at_rows(self.layers[-1], hidden, additive, index))
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[batch, 1, 1, keys]: 0 for tokens, the dtype's minimum for padding, as transformers'
+    eager attention adds. Written as transformers 4 built it for SDPA (Unsqueeze, Expand, Cast,
+    Sub, Where), a mask ORT's Attention fusion matches; a `Mul` by the minimum would not (the
+    fusion would take the score scaling's `Mul` for it)."""
+    expanded = attention_mask.unsqueeze(1).unsqueeze(2).expand(-1, 1, 1, -1).to(dtype)
+    inverted = 1.0 - expanded
+    return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
 
 
 def rows_only_layers(encoder: nn.Module) -> nn.ModuleList | None:

@@ -1,0 +1,48 @@
+"""The masked-LM wrapper computes the last BERT-layout layer at the mask rows only; its logits
+there must equal transformers' full forward (padding, two masks, every position)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from jaonnx.recipes import get_recipe
+from jaonnx_export.architectures import adapter_for
+from jaonnx_export.wrappers import rows_only_layers
+
+MLM = [("jmedroberta", True), ("rinna-roberta", True), ("ken11-albert", False)]
+
+
+def _model(twins_dir, recipe):
+    return transformers.AutoModelForMaskedLM.from_pretrained(twins_dir / recipe, attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("recipe,rows_only", MLM)
+def test_rows_only_last_layer_equals_the_full_forward(twins_dir, recipe, rows_only):
+    model = _model(twins_dir, recipe)
+    r = get_recipe(recipe)
+    wrapper = adapter_for(model.config.architectures[0]).wrap(model, r)
+    assert (rows_only_layers(wrapper.encoder) is not None) == rows_only  # ALBERT runs the encoder whole
+    torch.manual_seed(0)
+    ids = torch.randint(5, 200, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # a padded row
+    mask[2, 3:] = 0
+    every = torch.arange(11).expand(3, -1)
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + r.position_start
+        extra = {"token_type_ids": torch.zeros_like(ids)} if r.token_type_ids else {}
+        full = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits
+        for rows in (torch.tensor([[1, 4], [6, 0], [2, 2]]), every):
+            ours = wrapper(ids, mask, rows)
+            expected = torch.gather(full, 1, rows.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
+            valid = torch.gather(mask, 1, rows).bool()  # padded rows' logits are never read
+            torch.testing.assert_close(ours[valid], expected[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_only_layers_refuses_a_layer_without_the_bert_layout(twins_dir):
+    model = _model(twins_dir, "jmedroberta")
+    assert rows_only_layers(model.base_model) is not None
+    del model.base_model.encoder.layer[-1].attention.self.query
+    assert rows_only_layers(model.base_model) is None
