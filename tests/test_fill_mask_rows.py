@@ -46,3 +46,24 @@ def test_rows_only_layers_refuses_a_layer_without_the_bert_layout(twins_dir):
     assert rows_only_layers(model.base_model) is not None
     del model.base_model.encoder.layer[-1].attention.self.query
     assert rows_only_layers(model.base_model) is None
+
+
+@pytest.mark.parametrize("recipe,rows_only", MLM)
+def test_exported_graph_runs_the_last_feed_forward_at_the_mask_rows(artifacts, twins_dir, recipe, rows_only):
+    """In the artifact, the feed-forward products ([hidden, intermediate] weights) of every
+    layer but the last run over the sequence; the last one over the masks only."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    config = transformers.AutoConfig.from_pretrained(twins_dir / recipe)
+    model = SymbolicShapeInference.infer_shapes(onnx.load(artifacts[recipe] / "model.onnx"), auto_merge=True)
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    masks = [d.dim_param for d in next(i for i in model.graph.input if i.name == "mask_positions").type.tensor_type.shape.dim][1]
+    rows = [shapes[n.output[0]][1] for n in model.graph.node
+            if n.op_type == "MatMul" and weights.get(n.input[1]) == [config.hidden_size, config.intermediate_size]]
+    sequence = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][1]
+    if rows_only:  # every layer's own product: the last one at the masks
+        assert rows == [sequence] * (config.num_hidden_layers - 1) + [masks], rows
+    else:  # ALBERT: its one shared layer, at every token
+        assert rows and set(rows) == {sequence}, rows
