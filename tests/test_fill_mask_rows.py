@@ -9,21 +9,21 @@ import transformers
 
 from jaonnx.recipes import get_recipe
 from jaonnx_export.architectures import adapter_for
-from jaonnx_export.wrappers import rows_only_layers
+from jaonnx_export.wrappers import encoder_plan
 
-MLM = [("jmedroberta", True), ("rinna-roberta", True), ("ken11-albert", False)]
+MLM = ["jmedroberta", "rinna-roberta", "ken11-albert"]
 
 
 def _model(twins_dir, recipe):
     return transformers.AutoModelForMaskedLM.from_pretrained(twins_dir / recipe, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("recipe,rows_only", MLM)
-def test_rows_only_last_layer_equals_the_full_forward(twins_dir, recipe, rows_only):
+@pytest.mark.parametrize("recipe", MLM)
+def test_rows_only_last_layer_equals_the_full_forward(twins_dir, recipe):
     model = _model(twins_dir, recipe)
     r = get_recipe(recipe)
     wrapper = adapter_for(model.config.architectures[0]).wrap(model, r)
-    assert (rows_only_layers(wrapper.encoder) is not None) == rows_only  # ALBERT runs the encoder whole
+    assert wrapper.plan is not None and len(wrapper.plan.layers) == model.config.num_hidden_layers
     torch.manual_seed(0)
     ids = torch.randint(5, 200, (3, 11))
     mask = torch.ones_like(ids)
@@ -41,15 +41,17 @@ def test_rows_only_last_layer_equals_the_full_forward(twins_dir, recipe, rows_on
             torch.testing.assert_close(ours[valid], expected[valid], rtol=1e-4, atol=1e-4)
 
 
-def test_rows_only_layers_refuses_a_layer_without_the_bert_layout(twins_dir):
-    model = _model(twins_dir, "jmedroberta")
-    assert rows_only_layers(model.base_model) is not None
-    del model.base_model.encoder.layer[-1].attention.self.query
-    assert rows_only_layers(model.base_model) is None
+@pytest.mark.parametrize("recipe,layer", [("jmedroberta", "encoder.layer.0.attention.self"),
+                                          ("ken11-albert", "encoder.albert_layer_groups.0.albert_layers.0.attention")])
+def test_an_encoder_without_a_known_layout_runs_whole(twins_dir, recipe, layer):
+    model = _model(twins_dir, recipe)
+    assert encoder_plan(model.base_model) is not None
+    del model.base_model.get_submodule(layer).query
+    assert encoder_plan(model.base_model) is None
 
 
-@pytest.mark.parametrize("recipe,rows_only", MLM)
-def test_exported_graph_runs_the_last_feed_forward_at_the_mask_rows(artifacts, twins_dir, recipe, rows_only):
+@pytest.mark.parametrize("recipe", MLM)
+def test_exported_graph_runs_the_last_feed_forward_at_the_mask_rows(artifacts, twins_dir, recipe):
     """In the artifact, the feed-forward products ([hidden, intermediate] weights) of every
     layer but the last run over the sequence; the last one over the masks only."""
     import onnx
@@ -58,12 +60,13 @@ def test_exported_graph_runs_the_last_feed_forward_at_the_mask_rows(artifacts, t
     config = transformers.AutoConfig.from_pretrained(twins_dir / recipe)
     model = SymbolicShapeInference.infer_shapes(onnx.load(artifacts[recipe] / "model.onnx"), auto_merge=True)
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:  # shared weights (ALBERT's) are read through Identity nodes
+        if node.op_type == "Identity" and node.input[0] in weights:
+            weights[node.output[0]] = weights[node.input[0]]
     shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
     masks = [d.dim_param for d in next(i for i in model.graph.input if i.name == "mask_positions").type.tensor_type.shape.dim][1]
     rows = [shapes[n.output[0]][1] for n in model.graph.node
             if n.op_type == "MatMul" and weights.get(n.input[1]) == [config.hidden_size, config.intermediate_size]]
     sequence = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][1]
-    if rows_only:  # every layer's own product: the last one at the masks
-        assert rows == [sequence] * (config.num_hidden_layers - 1) + [masks], rows
-    else:  # ALBERT: its one shared layer, at every token
-        assert rows and set(rows) == {sequence}, rows
+    # one product per layer (ALBERT's shared weights too), over the sequence; the last over the masks
+    assert rows == [sequence] * (config.num_hidden_layers - 1) + [masks], rows
