@@ -1,5 +1,5 @@
-"""The masked-LM wrapper computes the last BERT-layout layer at the mask rows only; its logits
-there must equal transformers' full forward (padding, two masks, every position)."""
+"""The masked-LM wrapper computes the last layer (BERT, RoBERTa, ALBERT) at the mask rows only;
+its logits there must equal transformers' full forward (padding, two masks, every position)."""
 
 from __future__ import annotations
 
@@ -63,10 +63,13 @@ def test_exported_graph_runs_the_last_feed_forward_at_the_mask_rows(artifacts, t
     for node in model.graph.node:  # shared weights (ALBERT's) are read through Identity nodes
         if node.op_type == "Identity" and node.input[0] in weights:
             weights[node.output[0]] = weights[node.input[0]]
-    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
-    masks = [d.dim_param for d in next(i for i in model.graph.input if i.name == "mask_positions").type.tensor_type.shape.dim][1]
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    shapes = {v.name: dims(v) for v in model.graph.value_info}
+    masks = dims(next(i for i in model.graph.input if i.name == "mask_positions"))[1]
     rows = [shapes[n.output[0]][1] for n in model.graph.node
             if n.op_type == "MatMul" and weights.get(n.input[1]) == [config.hidden_size, config.intermediate_size]]
-    sequence = [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][1]
+    sequence = dims(model.graph.input[0])[1]
     # one product per layer (ALBERT's shared weights too), over the sequence; the last over the masks
     assert rows == [sequence] * (config.num_hidden_layers - 1) + [masks], rows

@@ -129,7 +129,9 @@ def _attend(attention: nn.Module, rows: torch.Tensor, hidden: torch.Tensor, addi
     return torch.matmul(torch.softmax(scores, dim=-1), value).transpose(1, 2).reshape(batch, -1, heads * size)
 
 
-def bert_layer_at_rows(layer: nn.Module, hidden: torch.Tensor, additive: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def bert_layer_at_rows(
+    layer: nn.Module, hidden: torch.Tensor, additive: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """One BERT-layout layer's output at the rows `index` ([batch, m, hidden], gathered along
     the sequence) only; the rows equal the full layer's."""
     rows = torch.gather(hidden, 1, index)
@@ -137,7 +139,9 @@ def bert_layer_at_rows(layer: nn.Module, hidden: torch.Tensor, additive: torch.T
     return layer.output(layer.intermediate(attended), attended)
 
 
-def albert_layer_at_rows(layer: nn.Module, hidden: torch.Tensor, additive: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def albert_layer_at_rows(
+    layer: nn.Module, hidden: torch.Tensor, additive: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
     """One ALBERT layer's output at the rows `index` only (AlbertAttention then AlbertLayer's
     feed-forward block and norm)."""
     rows = torch.gather(hidden, 1, index)
