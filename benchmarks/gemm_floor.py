@@ -87,11 +87,18 @@ def measure(size: int = 2048, threads: int = 2, rounds: int = 5, calls: int = 3)
 
 
 def bert_fill_mask_flops(seq: int, hidden: int = 768, layers: int = 12, inter: int = 3072, vocab: int = 32000,
-                         masks: int = 1) -> dict[str, float]:
+                         masks: int = 1, last_layer_at_masks: bool = False) -> dict[str, float]:
     """Matrix-product FLOPs of one BERT fill-mask call: the linear layers (quantized in int8
-    artifacts), attention's two products (fp32 in every artifact) and the MLM head at the masks."""
-    linear = layers * 2 * seq * (4 * hidden * hidden + 2 * hidden * inter)
+    artifacts), attention's two products (fp32 in every artifact) and the MLM head at the masks.
+    `last_layer_at_masks`: the last layer's keys and values at every token, its queries,
+    output projection and feed-forward block at the masks only (what our encoder graphs do)."""
+    per_token = 4 * hidden * hidden + 2 * hidden * inter
+    linear = layers * 2 * seq * per_token
     attention = layers * 2 * 2 * seq * seq * hidden
+    if last_layer_at_masks:
+        kv = 2 * hidden * hidden
+        linear -= 2 * (seq - masks) * (per_token - kv)
+        attention -= 2 * 2 * (seq - masks) * seq * hidden
     head = 2 * masks * (hidden * hidden + hidden * vocab)
     return {"linear": float(linear), "attention": float(attention), "head": float(head)}
 
