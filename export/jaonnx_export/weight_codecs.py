@@ -40,8 +40,11 @@ def pack_blocks(weight: np.ndarray, block: int, bits: int = 4, symmetric: bool =
     padded[:k] = weight
     w = padded.T.reshape(n, blocks, block)  # [N, blocks, block]
     if symmetric:
-        scale = (np.abs(w).max(axis=2) / mid).astype(np.float32)  # [-mid, mid - 1] around zero point mid
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        # The block's largest-magnitude value maps to -mid exactly (llama.cpp's Q4_0 trick, and
+        # ORT's own quantizer): the scale is signed, so the extreme never clips at mid - 1.
+        extreme = np.take_along_axis(w, np.abs(w).argmax(axis=2)[..., None], axis=2)[..., 0]
+        scale = (extreme / -mid).astype(np.float32)
+        scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
         zero = np.full((n, blocks), mid, dtype=np.uint8)
     else:
         low = np.minimum(w.min(axis=2), 0.0)
