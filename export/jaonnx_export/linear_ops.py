@@ -14,7 +14,7 @@ in a crowd):
 - `NBitBlocks` (`Int4Blocks`): `com.microsoft.MatMulNBits` (4- or 8-bit blocks along K, bias
   inside the node; accuracy_level 4 quantizes activations to int8 per row block). Measured on
   ORT 1.32 (tests/test_batch_invariance.py): batch-invariant for blocks of 16 and 32 at
-  accuracy_level 4 only; blocks of 64+, and accuracy_level 0-3 (fp32 compute), take a
+  accuracy_level 4 only; blocks of 64+, and accuracy_level 0/1 (fp32 compute), take a
   different kernel for M == 1 and are not. One node per product where Int8PerRow needs six,
   which is what an 8-bit decoder step gains (the kernel is slower than MLAS's u8s8 GEMM for
   M > 1, see README "CPU precision").
@@ -34,7 +34,7 @@ from .weight_codecs import pack_blocks, quantize_table, quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 INT4_INVARIANT_BLOCKS = (16, 32)  # MatMulNBits block sizes measured batch-invariant (see above)
-INVARIANT_ACCURACY_LEVEL = 4  # ... and only with int8 compute: levels 0-3 differ between M == 1 and M > 1
+INVARIANT_ACCURACY_LEVEL = 4  # ... and only with int8 compute: levels 0/1 measured to differ between M == 1 and M > 1
 
 
 class Linear(Protocol):
