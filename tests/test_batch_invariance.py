@@ -197,7 +197,7 @@ def test_quantized_products_are_row_invariant_and_per_tensor_is_not(k: int, n: i
     or among others (an ORT upgrade changing a kernel path would show here first); the old
     per-tensor DynamicQuantizeMatMul fails the same check. Int8PerRow also equals its exact
     integer math in numpy: per-row absmax/127 scales, 7-bit per-column weights."""
-    from jaonnx_export.linear_ops import INT4_INVARIANT_BLOCKS, Int4Blocks, Int8PerRow
+    from jaonnx_export.linear_ops import INT4_INVARIANT_BLOCKS, Int4Blocks, Int8PerRow, NBitBlocks
     from jaonnx_export.weight_codecs import quantize_weight
 
     rng = np.random.default_rng(0)
@@ -205,13 +205,18 @@ def test_quantized_products_are_row_invariant_and_per_tensor_is_not(k: int, n: i
     bias = rng.standard_normal(n).astype(np.float32)
     x = rng.standard_normal((12, k)).astype(np.float32)
     x[3] *= 50  # one loud row: a shared scale would crush the others
-    x[5] = 0  # an all-zero row must not turn into NaNs
+    x[5] = 0  # an all-zero row must not turn into NaNs (Int8PerRow has no guard: its scale 0 zeroes it)
     int8 = _one_product(Int8PerRow(reduce_range=True), weight, bias)
     assert _rows_alone_equal_rows_together(int8, x)
     for block in INT4_INVARIANT_BLOCKS:
         for symmetric in (False, True):
             assert _rows_alone_equal_rows_together(_one_product(Int4Blocks(block, 4, symmetric), weight, bias), x)
     assert not Int4Blocks(128).batch_invariant
+    # 8-bit MatMulNBits (the int8 "blocks" kernel) at int8 compute is invariant too; fp32 compute
+    # (accuracy_level 0) takes another kernel for M == 1 and is declared not invariant.
+    int8_blocks = NBitBlocks(32, 4, bits=8)
+    assert int8_blocks.batch_invariant and _rows_alone_equal_rows_together(_one_product(int8_blocks, weight, bias), x)
+    assert not NBitBlocks(32, 0).batch_invariant and not NBitBlocks(32, 0, bits=8).batch_invariant
     assert not _rows_alone_equal_rows_together(_one_product(_dqmm, weight, bias), x)
 
     q, w_scale = quantize_weight(weight, True)

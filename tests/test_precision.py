@@ -4,6 +4,7 @@ without --force), the fusion decision, and the precision options' errors."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -127,6 +128,10 @@ def test_int4_graph_uses_matmulnbits_with_an_int8_head(converted: dict, recipe: 
     assert "DynamicQuantizeMatMul" not in [n.op_type for n in model.graph.node]
     assert _manifest(directory)["quality"]["conversion"]["lm_head"] == "int8"
     assert any(n.op_type == "Gather" for n in model.graph.node)  # embeddings stay lookups
+    if recipe == "gpt2-small-ja":  # the static-KV twin: CPU graphs use plain LayerNormalization,
+        assert (_manifest(directory)["decoder"] or {}).get("kv_layout") == "static"  # ORT's fused one is slower
+        ops = {n.op_type for n in model.graph.node}
+        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops
 
 
 def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) -> None:
@@ -149,30 +154,48 @@ def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) ->
     assert _manifest(directory)["quality"]["conversion"]["lm_head"] == "int4"
 
 
-def test_int4_packing_matches_onnxruntime() -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_block_packing_matches_onnxruntime(bits: int) -> None:
     """Our packer's layout is what MatMulNBits computes with: ORT's result equals x @ (our
-    dequantized weight) + bias, for K not a multiple of the block too."""
+    dequantized weight) + bias, for K not a multiple of the block too, at 4 and 8 bits,
+    with zero points and symmetric."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from jaonnx_export.weight_codecs import pack_int4, unpack_int4
+    from jaonnx_export.weight_codecs import pack_blocks, unpack_blocks
 
     rng = np.random.default_rng(0)
-    for k, n, block in [(96, 40, 32), (80, 24, 32), (256, 64, 128)]:
+    for (k, n, block), symmetric in itertools.product([(96, 40, 32), (80, 24, 32), (256, 64, 128)], (False, True)):
         weight = rng.standard_normal((k, n)).astype(np.float32)
         bias = rng.standard_normal(n).astype(np.float32)
-        packed, scale, zero = pack_int4(weight, block)
-        dequantized = unpack_int4(packed, scale, zero, k)
-        assert np.abs(dequantized - weight).max() <= scale.max() / 2 + 1e-5
-        node = helper.make_node("MatMulNBits", ["x", "B", "S", "Z", "", "bias"], ["y"], domain="com.microsoft",
-                                K=k, N=n, bits=4, block_size=block, accuracy_level=0)
-        inits = [numpy_helper.from_array(a, name) for a, name in ((packed, "B"), (scale, "S"), (zero, "Z"), (bias, "bias"))]
+        packed, scale, zero = pack_blocks(weight, block, bits, symmetric)
+        dequantized = unpack_blocks(packed, scale, zero, k, bits)
+        # half a step; symmetric: a whole step where a value of the extreme's opposite sign clips
+        assert np.abs(dequantized - weight).max() <= np.abs(scale).max() * (1 if symmetric else 0.5) + 1e-5
+        names = ["B", "S"] + ([] if zero is None else ["Z"])
+        node = helper.make_node("MatMulNBits", ["x", *names] + [""] * (4 - len(names) - 1) + ["", "bias"], ["y"],
+                                domain="com.microsoft", K=k, N=n, bits=bits, block_size=block, accuracy_level=0)
+        arrays = [(packed, "B"), (scale, "S"), (bias, "bias")] + ([] if zero is None else [(zero, "Z")])
+        inits = [numpy_helper.from_array(a, name) for a, name in arrays]
         graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
         onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
         session = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
         x = rng.standard_normal((5, k)).astype(np.float32)
-        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequantized + bias, atol=1e-4)
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequantized + bias, atol=1e-4 * max(1, k / 64))
+
+
+def test_int8_kernel_choice_is_checked() -> None:
+    """The int8 kernel names are checked with a one-line error; "blocks" is 8-bit MatMulNBits."""
+    from jaonnx.errors import JaonnxError
+    from jaonnx_export.linear_ops import Int8PerRow, NBitBlocks
+    from jaonnx_export.quantize import int8_linear
+
+    assert isinstance(int8_linear("rows", True, 18), Int8PerRow)
+    blocks = int8_linear("blocks", True, 18)
+    assert isinstance(blocks, NBitBlocks) and blocks.bits == 8 and blocks.batch_invariant
+    with pytest.raises(JaonnxError, match="int8 kernel must be rows or blocks, not 'dynamic'"):
+        int8_linear("dynamic", True, 18)
 
 
 @pytest.mark.parametrize("recipe", GPT)

@@ -81,8 +81,9 @@ class Architecture(ABC):
         return GraphIO(self.input_dtypes(config), {name: "float32" for name in outputs}, self.decoder_shape(config))
 
     def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
-                    *, quantized: bool = False) -> None:
-        """Write the graph to `target` (model.onnx in a scratch directory)."""
+                    *, quantized: bool = False, cuda: bool = False) -> None:
+        """Write the graph to `target` (model.onnx in a scratch directory); `cuda`: the artifact
+        targets CUDA (fp16), where a built graph may prefer other ops than on the CPU."""
         trace(self.wrap(model, recipe), self, model.config, target)
 
 
@@ -229,15 +230,18 @@ class GPT2(Architecture):
         if layout != "static":
             return super().graph_io(config, layout)
         inputs, outputs = decoder_graph.names(self.decoder_shape(config).num_layers)
-        # Built from fused ops already; the fusion timing feeds are concat-style.
+        # Built as its target wants it (write_graph); the fusion timing feeds are concat-style.
         return GraphIO(inputs, outputs, decoder_graph.decoder_shape(config), fusable=False)
 
     def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
-                    *, quantized: bool = False) -> None:
+                    *, quantized: bool = False, cuda: bool = False) -> None:
         if quantized:  # the head gets its own quantized copy either way; untied, the token
             untie_lm_head(model)  # lookup stays a Gather on [vocab, hidden] that --embedding can quantize
         if layout == "static":
-            decoder_graph.build(model, target)
+            # Fused SkipLayerNormalization/FastGelu for CUDA (fewer launches); plain Add +
+            # LayerNormalization on the CPU, where ORT 1.32's SkipLayerNormalization is ~8x slower
+            # for a 128-token prefill (benchmarks/results/fused_vs_plain_prefill_1thread.json).
+            decoder_graph.build(model, target, fused=cuda)
             return
         super().write_graph(model, recipe, layout, target)
 

@@ -8,9 +8,11 @@ copies nothing but the new token's k/v. Rows of different lengths need no left p
 positions are each row's own token count, exactly what transformers gives a prompt alone.
 
 Built directly (not traced) so the graph is independent of the torch.onnx exporter, with
-ORT's fused ops in it (SkipLayerNormalization, FastGelu with its bias: fewer kernels on CUDA,
-LayerNorm kept fp16 by the fp16 converter; neutral on the CPU, benchmarks/results/
-fused_graph_cpu.md). The tied LM head reads the embedding table itself, stored once as
+ORT's fused ops in it for CUDA (SkipLayerNormalization, FastGelu with its bias: fewer kernels,
+LayerNorm kept fp16 by the fp16 converter), plain Add + LayerNormalization for the CPU, where
+ORT 1.32's SkipLayerNormalization kernel is slower (~8x at 128 rows; CPU time per decode step
+-5..-11% and per 128-token prefill -7..-17% without it: benchmarks/results/
+fused_vs_plain_prefill_1thread.json; architectures.py chooses). The tied LM head reads the embedding table itself, stored once as
 [hidden, vocab]. Nothing in the graph computes a shape or copies a value to the host, so ORT
 can capture it as one CUDA graph (checked by jaonnx_export.cuda_placement).
 """

@@ -185,7 +185,7 @@ def export(
         traced = work / ".traced" / MODEL_FILE
         traced.parent.mkdir()
         step("building the static-KV-cache decoder graph" if layout == "static" else "tracing the ONNX graph")
-        adapter.write_graph(model, recipe, layout, traced, quantized=bool(quantize))
+        adapter.write_graph(model, recipe, layout, traced, quantized=bool(quantize), cuda=dtype == "fp16")
         del model
         gc.collect()  # free the PyTorch weights before ONNX Runtime loads its copy
 

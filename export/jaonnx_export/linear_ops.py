@@ -6,14 +6,18 @@ numbers do not depend on the other rows of its batch (greedy tokens are identica
 in a crowd):
 
 - `Int8PerRow`: symmetric int8 weights per output column, activations quantized per row with
-  their own scale (absmax / 127, zero point 128) by five small nodes, and the product
+  their own scale (absmax / 127, zero point 128) by four small nodes, and the product
   in `com.microsoft.MatMulIntegerToFloat` (MLAS's packed u8s8 GEMM, as fast as
   `DynamicQuantizeMatMul`, measured). Integer sums are exact, so every row's result is the
   same whatever M or kernel path; `DynamicQuantizeMatMul`, which we used before, takes one
   scale over the whole input and is not batch-invariant.
-- `Int4Blocks`: `com.microsoft.MatMulNBits` (4-bit blocks along K; accuracy_level 4 quantizes
-  activations to int8 per row block). Measured on ORT 1.32: batch-invariant for blocks of
-  16 and 32; blocks of 64+ take a different kernel for M == 1 and are not.
+- `NBitBlocks` (`Int4Blocks`): `com.microsoft.MatMulNBits` (4- or 8-bit blocks along K, bias
+  inside the node; accuracy_level 4 quantizes activations to int8 per row block). Measured on
+  ORT 1.32 (tests/test_batch_invariance.py): batch-invariant for blocks of 16 and 32 at
+  accuracy_level 4 only; blocks of 64+, and accuracy_level 0/1 (fp32 compute), take a
+  different kernel for M == 1 and are not. One node per product where Int8PerRow needs six,
+  which is what an 8-bit decoder step gains (the kernel is slower than MLAS's u8s8 GEMM for
+  M > 1, see README "CPU precision").
 
 Embedding tables (`QuantizedTable`) become `com.microsoft.GatherBlockQuantized`: a lookup
 reads one row per token, so only the table's size changes (and rows stay independent).
@@ -26,10 +30,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .weight_codecs import pack_int4, quantize_table, quantize_weight
+from .weight_codecs import pack_blocks, quantize_table, quantize_weight
 
 MS_DOMAIN = "com.microsoft"
 INT4_INVARIANT_BLOCKS = (16, 32)  # MatMulNBits block sizes measured batch-invariant (see above)
+INVARIANT_ACCURACY_LEVEL = 4  # ... and only with int8 compute: levels 0/1 measured to differ between M == 1 and M > 1
 
 
 class Linear(Protocol):
@@ -56,7 +61,10 @@ class Int8PerRow:
     def _row_quantize(self, x: str) -> tuple[list[Any], list[Any], str, str]:
         """Nodes computing (uint8 x, fp32 per-row peak [..., 1]) from x, once per x:
         q = QuantizeLinear(x / peak, 1/127, 128) = round(127 x / peak) + 128, in [1, 255]. The
-        1/127 of the row scale (peak / 127) is folded into the weight scales."""
+        1/127 of the row scale (peak / 127) is folded into the weight scales. An all-zero row
+        needs no guard: its q is whatever 0/0 quantizes to, and its product is scaled by its
+        peak, 0, so it is exactly 0 (tests/test_quantized_decode.py); dropping the guard's Max
+        saves one node per product input at every decode step."""
         from onnx import helper, numpy_helper
 
         if x in self._rows:
@@ -67,17 +75,16 @@ class Int8PerRow:
         if not self._constants_made:
             self._constants_made = True
             inits = [numpy_helper.from_array(np.array(v, dtype=t), c + name) for name, v, t in (
-                ("tiny", 1e-30, np.float32), ("step", 1.0 / 127.0, np.float32), ("zp", 128, np.uint8),
+                ("step", 1.0 / 127.0, np.float32), ("zp", 128, np.uint8),
                 ("axes", [-1], np.int64))]
-        if self.opset >= 18:
-            reduce = helper.make_node("ReduceMax", [f"{stem}_abs", c + "axes"], [f"{stem}_max"], keepdims=1)
-        else:
-            reduce = helper.make_node("ReduceMax", [f"{stem}_abs"], [f"{stem}_max"], axes=[-1], keepdims=1)
         peak, q = f"{stem}_peak", f"{stem}_u8"
+        if self.opset >= 18:
+            reduce = helper.make_node("ReduceMax", [f"{stem}_abs", c + "axes"], [peak], keepdims=1)
+        else:
+            reduce = helper.make_node("ReduceMax", [f"{stem}_abs"], [peak], axes=[-1], keepdims=1)
         nodes = [
             helper.make_node("Abs", [x], [f"{stem}_abs"]),
             reduce,
-            helper.make_node("Max", [f"{stem}_max", c + "tiny"], [peak]),  # an all-zero row: no 0/0
             helper.make_node("Div", [x, peak], [f"{stem}_unit"]),  # in [-1, 1]
             helper.make_node("QuantizeLinear", [f"{stem}_unit", c + "step", c + "zp"], [q]),
         ]
@@ -102,34 +109,39 @@ class Int8PerRow:
 
 
 @dataclass
-class Int4Blocks:
-    """Weight-only int4 in MatMulNBits: `block` values along K per scale, asymmetric (zero
-    points) or symmetric, int8 compute at accuracy_level 4."""
+class NBitBlocks:
+    """Weight-only `bits`-bit (4 or 8) blocks in MatMulNBits: `block` values along K per scale,
+    asymmetric (zero points) or symmetric, int8 compute at accuracy_level 4."""
 
     block: int
     accuracy_level: int = 4
     symmetric: bool = False
+    bits: int = 4
 
     @property
     def batch_invariant(self) -> bool:
-        return self.block in INT4_INVARIANT_BLOCKS
+        return self.block in INT4_INVARIANT_BLOCKS and self.accuracy_level == INVARIANT_ACCURACY_LEVEL
 
     def __call__(self, x: str, weight: np.ndarray, bias: str, output: str, stem: str) -> tuple[list[Any], list[Any]]:
         from onnx import helper, numpy_helper
 
         k, n = weight.shape
-        packed, scale, zero = pack_int4(weight, self.block, self.symmetric)
-        arrays = {f"{stem}_int4": packed, f"{stem}_int4_scale": scale}
+        packed, scale, zero = pack_blocks(weight, self.block, self.bits, self.symmetric)
+        tag = f"{stem}_int{self.bits}"
+        arrays = {tag: packed, f"{tag}_scale": scale}
         if zero is not None:
-            arrays[f"{stem}_int4_zero"] = zero
+            arrays[f"{tag}_zero"] = zero
         names = list(arrays)
         if bias:
             names += [""] * (4 - len(names)) + [bias]  # inputs: A, B, scales, zero_points, g_idx, bias
         node = helper.make_node(
             "MatMulNBits", [x, *names], [output], name=f"{stem}_nbits", domain=MS_DOMAIN,
-            K=k, N=n, bits=4, block_size=self.block, accuracy_level=self.accuracy_level,
+            K=k, N=n, bits=self.bits, block_size=self.block, accuracy_level=self.accuracy_level,
         )
         return [node], [numpy_helper.from_array(a, name) for name, a in arrays.items()]
+
+
+Int4Blocks = NBitBlocks  # the 4-bit default's historical name
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .linear_ops import Int4Blocks, Int8PerRow, Linear, QuantizedTable
+from .linear_ops import Int8PerRow, Linear, NBitBlocks, QuantizedTable
 from .weight_codecs import pack_int4, quantize_weight, unpack_int4  # noqa: F401  (public names)
 from .weight_rewrite import default_opset, rewrite_weight_products
 
@@ -24,6 +24,26 @@ INT4_ACCURACY_LEVEL = 4  # int8 activations x int4 weights (MLAS sqnbitgemm Comp
 # top-1 agreement stays >= 0.99, so every artifact uses the setting that is exact on every CPU.
 PORTABLE_REDUCE_RANGE = True
 INT8_METHOD = "MatMulIntegerToFloat, int8 per-column weights, int8 per-row activations"
+# int8 kernels: "rows" = Int8PerRow (MLAS u8s8 GEMM, fastest for M > 1: fill-mask, prefill);
+# "blocks" = 8-bit MatMulNBits in blocks of 32 (one node per product: fastest decode step).
+INT8_KERNELS = ("rows", "blocks")
+INT8_BLOCK = 32  # 8-bit MatMulNBits block along K: 16/32 are the batch-invariant sizes
+
+
+def int8_linear(kernel: str, reduce_range: bool, opset: int) -> Linear:
+    """The Linear an int8 weight product becomes (see INT8_KERNELS)."""
+    if kernel not in INT8_KERNELS:
+        from jaonnx.errors import JaonnxError
+
+        raise JaonnxError(f"the int8 kernel must be rows or blocks, not {kernel!r}")
+    if kernel == "blocks":
+        return NBitBlocks(INT8_BLOCK, INT4_ACCURACY_LEVEL, symmetric=False, bits=8)
+    return Int8PerRow(reduce_range, opset)
+
+
+def int8_method(kernel: str) -> str:
+    return INT8_METHOD if kernel == "rows" else (
+        f"MatMulNBits, 8-bit blocks of {INT8_BLOCK}, accuracy_level={INT4_ACCURACY_LEVEL}")
 EMBEDDINGS = {"int8": (8, 32), "int4": (4, 32)}  # token embedding table: (bits, block along H)
 
 
@@ -50,12 +70,15 @@ def _tables(embedding: str | None, vocab_size: int | None, report: dict[str, Any
 
 
 def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: bool | None = None,
-                  vocab_size: int | None = None, embedding: str | None = None) -> dict[str, Any]:
-    """Every MatMul/Gemm with a constant 2-D weight -> int8 weights x per-row int8 activations;
-    the token embedding table ([vocab_size, H]) as `embedding` says (None: fp32)."""
+                  vocab_size: int | None = None, embedding: str | None = None, kernel: str = "rows") -> dict[str, Any]:
+    """Every MatMul/Gemm with a constant 2-D weight -> int8 weights x per-row int8 activations
+    in the `kernel` INT8_KERNELS names; the token embedding table ([vocab_size, H]) as
+    `embedding` says (None: fp32)."""
     reduce_range = PORTABLE_REDUCE_RANGE if reduce_range is None else reduce_range
-    int8 = Int8PerRow(reduce_range, default_opset(src))
-    report: dict[str, Any] = {"method": INT8_METHOD, "reduce_range": reduce_range}
+    int8 = int8_linear(kernel, reduce_range, default_opset(src))
+    report: dict[str, Any] = {"method": int8_method(kernel), "kernel": kernel}
+    if kernel == "rows":
+        report["reduce_range"] = reduce_range
     tables = _tables(embedding, vocab_size, report)
     report["matmuls_quantized"] = rewrite_weight_products(src, dst, data_file, lambda k, n: int8, tables)
     return report | {"batch_invariant": int8.batch_invariant}
@@ -63,17 +86,19 @@ def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: boo
 
 def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, lm_head: str = "int8",
                   block: int = INT4_BLOCK, reduce_range: bool | None = None, symmetric: bool = False,
-                  accuracy_level: int = INT4_ACCURACY_LEVEL, embedding: str | None = None) -> dict[str, Any]:
+                  accuracy_level: int = INT4_ACCURACY_LEVEL, embedding: str | None = None,
+                  head_kernel: str = "rows") -> dict[str, Any]:
     """Weight-only int4 (MatMulNBits, blocks of `block` along K) for every weight product; the
-    LM head (the product with N == vocab_size) is int4, int8 (per-row, as quantize_int8) or
-    fp32 as `lm_head` says; the token embedding table as `embedding` says (None: fp32)."""
+    LM head (the product with N == vocab_size) is int4, int8 (in the `head_kernel`
+    INT8_KERNELS names, as quantize_int8) or fp32 as `lm_head` says; the token embedding
+    table as `embedding` says (None: fp32)."""
     if lm_head not in ("int4", "int8", "fp32"):
         from jaonnx.errors import JaonnxError
 
         raise JaonnxError(f"the int4 LM head must be int4, int8 or fp32, not {lm_head!r}")
     reduce_range = PORTABLE_REDUCE_RANGE if reduce_range is None else reduce_range
-    int4 = Int4Blocks(block, accuracy_level, symmetric)
-    int8 = Int8PerRow(reduce_range, default_opset(src))
+    int4 = NBitBlocks(block, accuracy_level, symmetric)
+    int8 = int8_linear(head_kernel, reduce_range, default_opset(src))
     used: list[Linear] = []
     heads: list[int] = []
 
@@ -94,5 +119,7 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
                               "lm_head": lm_head if heads else None,
                               "batch_invariant": all(linear.batch_invariant for linear in used)}
     if heads and lm_head == "int8":
-        report["reduce_range"] = reduce_range
+        report["head_kernel"] = head_kernel
+        if head_kernel == "rows":
+            report["reduce_range"] = reduce_range
     return report | tabled

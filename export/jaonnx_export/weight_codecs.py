@@ -23,30 +23,38 @@ def quantize_weight(weight: np.ndarray, reduce_range: bool) -> tuple[np.ndarray,
     return q, scale
 
 
-def pack_int4(weight: np.ndarray, block: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """4-bit blocks along K of a [K, N] weight, in MatMulNBits' layout: (packed uint8
-    [N, K/block, block/2] low nibble first, fp32 scales [N, K/block], packed uint8 zero points
-    [N, ceil(K/block / 2)], or None when `symmetric`: ORT then takes 8 as every zero point)."""
+def pack_blocks(weight: np.ndarray, block: int, bits: int = 4, symmetric: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`bits`-bit (4 or 8) blocks along K of a [K, N] weight, in MatMulNBits' layout: (uint8
+    [N, K/block, block * bits / 8], 4-bit values packed low nibble first; fp32 scales
+    [N, K/block]; uint8 zero points [N, K/block] for 8 bits or packed [N, ceil(K/block / 2)]
+    for 4, or None when `symmetric`: ORT then takes 2**(bits-1) as every zero point)."""
     k, n = weight.shape
     if n > COLUMNS:
-        parts = [pack_int4(weight[:, i : i + COLUMNS], block, symmetric) for i in range(0, n, COLUMNS)]
+        parts = [pack_blocks(weight[:, i : i + COLUMNS], block, bits, symmetric) for i in range(0, n, COLUMNS)]
         zeros = None if symmetric else np.concatenate([p[2] for p in parts])  # type: ignore[misc]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), zeros
+    top, mid = (1 << bits) - 1, 1 << (bits - 1)
     blocks = -(-k // block)
     padded = np.zeros((blocks * block, n), dtype=np.float32)
     padded[:k] = weight
     w = padded.T.reshape(n, blocks, block)  # [N, blocks, block]
     if symmetric:
-        scale = (np.abs(w).max(axis=2) / 8.0).astype(np.float32)  # [-8, 7] around zero point 8
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        zero = np.full((n, blocks), 8, dtype=np.uint8)
+        # The block's largest-magnitude value maps to -mid exactly (llama.cpp's Q4_0 trick, and
+        # ORT's own quantizer): the scale is signed, so the extreme never clips at mid - 1.
+        extreme = np.take_along_axis(w, np.abs(w).argmax(axis=2)[..., None], axis=2)[..., 0]
+        scale = (extreme / -mid).astype(np.float32)
+        scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+        zero = np.full((n, blocks), mid, dtype=np.uint8)
     else:
         low = np.minimum(w.min(axis=2), 0.0)
         high = np.maximum(w.max(axis=2), 0.0)
-        scale = ((high - low) / 15.0).astype(np.float32)
+        scale = ((high - low) / top).astype(np.float32)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        zero = np.clip(np.rint(-low / scale), 0, 15).astype(np.uint8)  # [N, blocks]
-    q = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, 15).astype(np.uint8)
+        zero = np.clip(np.rint(-low / scale), 0, top).astype(np.uint8)  # [N, blocks]
+    q = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, top).astype(np.uint8)
+    if bits == 8:
+        return q, scale, None if symmetric else zero
     packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
     if symmetric:
         return packed, scale, None
@@ -56,8 +64,23 @@ def pack_int4(weight: np.ndarray, block: int, symmetric: bool = False) -> tuple[
     return packed, scale, zero_packed
 
 
-def unpack_int4(packed: np.ndarray, scale: np.ndarray, zero_packed: np.ndarray | None, k: int) -> np.ndarray:
+def pack_int4(weight: np.ndarray, block: int, symmetric: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """4-bit MatMulNBits blocks (pack_blocks with bits=4)."""
+    return pack_blocks(weight, block, 4, symmetric)
+
+
+def unpack_blocks(packed: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, k: int, bits: int = 4) -> np.ndarray:
     """The fp32 [K, N] weight a MatMulNBits node computes with (for tests and reports)."""
+    if bits == 8:
+        n, blocks, _ = packed.shape
+        z = np.full((n, blocks), 128.0, dtype=np.float32) if zero is None else zero.astype(np.float32)
+        w = (packed.astype(np.float32) - z[..., None]) * scale[..., None]
+        return w.reshape(n, -1)[:, :k].T
+    return unpack_int4(packed, scale, zero, k)
+
+
+def unpack_int4(packed: np.ndarray, scale: np.ndarray, zero_packed: np.ndarray | None, k: int) -> np.ndarray:
+    """The fp32 [K, N] weight a 4-bit MatMulNBits node computes with (for tests and reports)."""
     n, blocks, half = packed.shape
     q = np.empty((n, blocks, half * 2), dtype=np.float32)
     q[..., 0::2] = packed & 0x0F
