@@ -120,3 +120,74 @@ def test_cache_command_lists_prunes_and_clears(artifacts, tmp_path):
     assert json.loads(jaonnx_cli("cache", "list", env=env).stdout)["count"] == 0
     assert_one_line_error(jaonnx_cli("cache", "prune", "--max-size", "big", env=env), "--max-size")
     assert_one_line_error(jaonnx_cli("cache", "list", env={**env, ort_cache.SIZE_ENV: "x"}), ort_cache.SIZE_ENV)
+
+
+# ---- graphs already at ORT's fixed point load as they are (no cache entry, weights mapped) ----
+
+
+def _tiny_graph(path: Path, foldable: bool) -> Path:
+    """y = x @ W (nothing for ORT to do), or y = x @ (W + W) (ORT folds the constant Add)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W2" if foldable else "W"], ["y"], name="mm")]
+    if foldable:
+        nodes.insert(0, helper.make_node("Add", ["W", "W"], ["W2"], name="add"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_fixed_point_check_tells_a_graph_ort_rewrites_from_one_it_leaves(tmp_path):
+    """The exporter's check: a foldable constant Add is a graph ORT changes; a bare MatMul is not."""
+    from jaonnx_export.ort_fixed_point import ort_fixed_point
+
+    assert ort_fixed_point(_tiny_graph(tmp_path / "plain.onnx", foldable=False)) is True
+    assert ort_fixed_point(_tiny_graph(tmp_path / "foldable.onnx", foldable=True)) is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foldable.onnx", "plain.onnx"]  # no scratch left
+
+
+def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache(artifacts, tmp_path, monkeypatch):
+    """A default export of a decoder with more than a mebibyte of weights puts them in
+    model.onnx.data at page-aligned offsets (ORT maps the file), its static graph is recorded as
+    ORT's fixed point (checked here again against a session at level "all"), and loading it
+    writes no cache entry but gives the logits of a session that optimizes it at load."""
+    import onnx
+
+    from jaonnx_export.ort_fixed_point import ort_fixed_point
+
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy(artifacts["rinna-gpt-1b"], tmp_path / "artifact")
+    manifest = read_manifest(model.parent)
+    assert manifest.external_data == "model.onnx.data" and manifest.decoder.kv_layout == "static"
+    offsets = [int(e.value) for t in onnx.load(str(model), load_external_data=False).graph.initializer
+               for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets)
+    assert manifest.ort_fixed_point is True and ort_fixed_point(model) is True
+    import jaonnx
+
+    gen = jaonnx.load(model.parent, providers="cpu", intra_op_threads=1)
+    assert ort_cache.entries() == [] and not (tmp_path / "cache").exists()
+    optimizing = create_session(model, providers="cpu", intra_op_threads=1, cache=False)
+    static = {i.name: i for i in optimizing.get_inputs()}
+    rng = np.random.default_rng(0)
+    feed = {"input_ids": rng.integers(5, 200, (1, 6), dtype=np.int64), "position_ids": np.arange(6)[None],
+            "seqlens_k": np.array([5], np.int32), "total_sequence_length": np.array(6, np.int32),
+            "logits_to_keep": np.array([1], np.int64)}
+    d = manifest.decoder
+    feed |= {n: np.zeros((1, d.num_heads, 8, d.head_dim), np.float32) for n in static if n.startswith("past")}
+    np.testing.assert_array_equal(gen.session.run(["logits"], feed)[0], optimizing.run(["logits"], feed)[0])
+
+
+def test_a_graph_ort_rewrites_still_uses_the_cache(artifacts, tmp_path, monkeypatch):
+    """A traced encoder is not at ORT's fixed point: its manifest says so and its first load
+    writes the optimized graph into the cache."""
+    import jaonnx
+
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy(artifacts["ken11-albert"], tmp_path / "artifact")
+    assert read_manifest(model.parent).ort_fixed_point is False
+    jaonnx.load(model.parent, providers="cpu", intra_op_threads=1)
+    assert len(ort_cache.entries()) == 1

@@ -24,6 +24,7 @@ from . import consistency
 from .architectures import KV_LAYOUTS, Architecture, adapter_for
 from .genai import write_genai_files
 from .onnx_files import MODEL_FILE, OPSET, ExternalData, save
+from .ort_fixed_point import ort_fixed_point
 from .sources import Source, resolve
 from .staging import Staging
 
@@ -197,6 +198,9 @@ def export(
         manifest.parity = check_parity(work, manifest, parity_ref, parity_atol)
         if convert:
             precision.convert(config, quality_ref, work, manifest, options, step)
+        if manifest.dtype != "fp16":  # fp16 is for CUDA: the optimized-graph cache is CPU only
+            step("checking whether ONNX Runtime's graph passes change the graph")
+            manifest.ort_fixed_point = ort_fixed_point(work / MODEL_FILE)
         if write_genai_files(work, manifest, config):
             step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
         manifest.write(work)

@@ -22,6 +22,8 @@ class ArtifactModel:
             self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
         )
         self._check_tokenizer()
+        if manifest.ort_fixed_point:  # ORT's passes change nothing: a cache entry would only copy the weights
+            session_options["cache"] = False
         self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
         self._check_graph()
         self.pad_id = manifest.special_ids.get("pad", 0)

@@ -1,0 +1,50 @@
+"""Whether ONNX Runtime's CPU graph passes would change an artifact's graph.
+
+Why: the runtime caches ORT's optimized graph (runtime/jaonnx/ort_cache.py) because ORT's passes
+take seconds on a traced graph. A graph already at their fixed point gains nothing from that
+cache, and an entry costs a second copy of the weights on disk plus a first load that writes it
+(GPT-2 small int4: 0.8 s on the first load ever against 0.3 s later). The static decoder graph
+is built from ORT's fused contrib ops node by node, and its fp32/int8/int4 graphs come out of
+level "all" unchanged. The exporter checks once and records the answer in the manifest
+(`ort_fixed_point`); the runtime then loads such an artifact as it is, with no cache entry.
+
+The check runs ORT's passes for this machine's CPU. Level "all"'s CPU-specific passes rewrite
+convolutions' layouts, which these models do not have, so the answer carries to other x86
+machines; where it did not, the runtime would still optimize at load (it never lowers the
+level), only without caching the result.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def ort_fixed_point(model_path: Path) -> bool:
+    """True when an ORT CPU session at level "all" leaves `model_path`'s graph as it is: the
+    same nodes (domain, op, outputs). Inputs may differ: ORT shares equal small constants
+    between nodes (ConstantSharing), which saves nothing worth a cached copy."""
+    import onnx
+    from jaonnx.session import import_ort
+
+    ort = import_ort()
+    with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".fixed-point-") as tmp:
+        optimized = Path(tmp) / model_path.name
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3  # its "level 99 graph is for this machine" warning: see the docstring
+        options.optimized_model_filepath = str(optimized)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+        del session
+        before = _signature(onnx.load(str(model_path), load_external_data=False))
+        after = _signature(onnx.load(str(optimized), load_external_data=False))
+    return before == after
+
+
+def _signature(model: Any) -> Counter:
+    return Counter((n.domain or "ai.onnx", n.op_type, tuple(n.output)) for n in model.graph.node)
