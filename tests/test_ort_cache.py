@@ -39,7 +39,7 @@ def _copy(artifact: Path, to: Path) -> Path:
     return to / "model.onnx"
 
 
-@pytest.mark.parametrize("recipe", ["rinna-gpt-1b", "rinna-roberta"])  # external data / weights inside the graph
+@pytest.mark.parametrize("recipe", ["rinna-gpt-1b", "ken11-albert"])  # external data / weights inside the graph
 def test_cached_load_gives_the_logits_of_a_cold_load(artifacts, tmp_path, monkeypatch, recipe):
     """The cached graph (weights memory-mapped from the external file) computes exactly what a
     session that optimizes the original graph at load computes."""
@@ -159,7 +159,7 @@ def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache
     from jaonnx_export.ort_fixed_point import ort_fixed_point
 
     monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
-    model = _copy(artifacts["rinna-gpt-1b"], tmp_path / "artifact")
+    model = _copy(artifacts["gpt2-small-ja"], tmp_path / "artifact")
     manifest = read_manifest(model.parent)
     assert manifest.external_data == "model.onnx.data" and manifest.decoder.kv_layout == "static"
     offsets = [int(e.value) for t in onnx.load(str(model), load_external_data=False).graph.initializer
@@ -183,7 +183,7 @@ def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache
 
 def test_a_graph_ort_rewrites_still_uses_the_cache(artifacts, tmp_path, monkeypatch):
     """A traced encoder is not at ORT's fixed point: its manifest says so and its first load
-    writes the optimized graph into the cache."""
+    writes the optimized graph into the cache (its weights are inline: under a mebibyte)."""
     import jaonnx
 
     monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
