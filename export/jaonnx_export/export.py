@@ -121,7 +121,7 @@ def export(
     force: bool = False,
     int4_block: int | None = None,
     lm_head: str = "int8",
-    embedding: str = "fp32",
+    embedding: str | None = None,
     kv_cache: str | None = None,
     parity_atol: float | None = None,
 ) -> Manifest:
@@ -130,7 +130,8 @@ def export(
     `quantize="int8"`/`"int4"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and
     gate it on a quality report against PyTorch (see precision.py); `optimize=None` keeps ORT's
     offline transformer fusions only where they measure faster, True/False force them on/off;
-    `embedding` ("int8"/"int4") quantizes an int8/int4 artifact's token embedding table;
+    `embedding` ("int8"/"int4"/"fp32"; None: int8 for decoders, fp32 for encoders) is the precision
+    of an int8/int4 artifact's token embedding table;
     `force` keeps an artifact that fails the quality gate; `kv_cache` picks a decoder's cache
     layout ("static" or "concat", see decoder_graph.py; None: static where the model allows);
     `parity_atol` overrides the parity tolerance (recorded in the manifest).
