@@ -191,3 +191,26 @@ def test_a_graph_ort_rewrites_still_uses_the_cache(artifacts, tmp_path, monkeypa
     assert read_manifest(model.parent).ort_fixed_point is False
     jaonnx.load(model.parent, providers="cpu", intra_op_threads=1)
     assert len(ort_cache.entries()) == 1
+
+
+def test_a_cold_generate_imports_only_what_it_needs(artifacts):
+    """Cold start: loading a decoder and producing a token imports no protobuf classes (the
+    tokenizer's no-prefix and exact variants are built on first use) and nothing of the exporter."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys, jaonnx
+        gen = jaonnx.load({str(artifacts["gpt2-small-ja"])!r}, providers="cpu", intra_op_threads=1)
+        gen.generate("今日は", max_new_tokens=1, do_sample=False)
+        print(",".join(sorted(m for m in sys.modules if m.split(".")[0] in
+                              ("google", "torch", "transformers", "jaonnx_export", "onnx")
+                              or m == "sentencepiece.sentencepiece_model_pb2")))
+        assert gen.tokenizer.backend.encode("です", continuation=True)  # the variant still builds when asked
+        assert "sentencepiece.sentencepiece_model_pb2" in sys.modules
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAONNX_CACHE_DIR": "off"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
