@@ -36,6 +36,7 @@ def ort_fixed_point(model_path: Path) -> bool:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = 1
         options.log_severity_level = 3  # its "level 99 graph is for this machine" warning: see the docstring
+        options.add_session_config_entry("session.disable_prepacking", "1")  # kernels' layouts: not the graph's
         options.optimized_model_filepath = str(optimized)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
