@@ -181,6 +181,23 @@ def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache
     np.testing.assert_array_equal(gen.session.run(["logits"], feed)[0], optimizing.run(["logits"], feed)[0])
 
 
+def test_a_fixed_point_graph_with_inline_weights_still_uses_the_cache(artifacts, tmp_path, monkeypatch):
+    """`--external-data never`: the cache entry is what maps the weights, so it is still written."""
+    import onnx
+
+    import jaonnx
+
+    monkeypatch.setenv("JAONNX_CACHE_DIR", str(tmp_path / "cache"))
+    model = _copy(artifacts["gpt2-small-ja"], tmp_path / "artifact")
+    onnx.save_model(onnx.load(str(model)), str(model))
+    model.with_name("model.onnx.data").unlink()
+    manifest = json.loads((model.parent / "jaonnx.json").read_text())
+    assert manifest["ort_fixed_point"] is True
+    (model.parent / "jaonnx.json").write_text(json.dumps({**manifest, "external_data": None}))
+    jaonnx.load(model.parent, providers="cpu", intra_op_threads=1)
+    assert len(ort_cache.entries()) == 1
+
+
 def test_a_graph_ort_rewrites_still_uses_the_cache(artifacts, tmp_path, monkeypatch):
     """A traced encoder is not at ORT's fixed point: its manifest says so and its first load
     writes the optimized graph into the cache (its weights are inline: under a mebibyte)."""
