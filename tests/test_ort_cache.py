@@ -231,3 +231,14 @@ def test_a_cold_generate_imports_only_what_it_needs(artifacts):
                           env={**os.environ, "JAONNX_CACHE_DIR": "off"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ""
+
+
+def test_a_wrong_ort_fixed_point_value_is_a_one_line_error(artifacts, tmp_path):
+    import jaonnx
+
+    model = _copy(artifacts["gpt2-small-ja"], tmp_path / "artifact")
+    manifest = json.loads((model.parent / "jaonnx.json").read_text())
+    (model.parent / "jaonnx.json").write_text(json.dumps({**manifest, "ort_fixed_point": "yes"}))
+    with pytest.raises(JaonnxError, match="ort_fixed_point") as info:
+        jaonnx.load(model.parent, providers="cpu")
+    assert "\n" not in str(info.value)
