@@ -98,3 +98,30 @@ def test_unwritable_cache_still_loads(artifacts, tmp_path, monkeypatch):
     monkeypatch.setenv("JAONNX_CACHE_DIR", str(blocker / "cache"))
     fm = jaonnx.load(artifacts["ken11-albert"], providers="cpu")
     assert fm("[MASK]です", top_k=2)
+
+
+@pytest.mark.parametrize("dists, warns", [
+    (["onnxruntime-1.32.0", "onnxruntime_genai-0.18.0"], False),
+    (["onnxruntime-1.32.0", "onnxruntime_gpu-1.32.0"], True),
+])
+def test_both_onnxruntime_wheels_are_found_without_importlib_metadata(tmp_path, monkeypatch, dists, warns):
+    """The CPU and GPU wheels share one `onnxruntime/` folder; their metadata beside it says which
+    are installed (read as a folder listing: importlib.metadata would cost the cold start ~12 ms)."""
+    import sys
+    import types
+    import warnings
+
+    from jaonnx import session
+
+    (tmp_path / "onnxruntime").mkdir()
+    for name in dists:
+        (tmp_path / f"{name}.dist-info").mkdir()
+    fake = types.ModuleType("onnxruntime")
+    fake.__file__ = str(tmp_path / "onnxruntime" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    expected = {"onnxruntime", "onnxruntime-gpu"} if warns else {"onnxruntime"}
+    assert session.ort_distributions(fake) == expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert session.import_ort() is fake
+    assert any("both onnxruntime and onnxruntime-gpu" in str(w.message) for w in caught) == warns
