@@ -125,3 +125,22 @@ def test_both_onnxruntime_wheels_are_found_without_importlib_metadata(tmp_path, 
         warnings.simplefilter("always")
         assert session.import_ort() is fake
     assert any("both onnxruntime and onnxruntime-gpu" in str(w.message) for w in caught) == warns
+
+
+def test_physical_cores_come_from_sysfs_and_agree_with_psutil():
+    """The default thread count reads sysfs (no psutil import on a cold start) and counts what
+    psutil counts: one thread per physical core."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from jaonnx.session import physical_cores
+
+    assert physical_cores(set(range(os.cpu_count()))) == psutil.cpu_count(logical=False)
+    assert physical_cores({10**6}) is None  # a CPU sysfs does not list
+    code = "import sys; from jaonnx.session import default_threads; default_threads(); print('psutil' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "JAONNX_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.strip() == "False", proc.stderr
