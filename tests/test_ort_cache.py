@@ -149,6 +149,23 @@ def test_fixed_point_check_tells_a_graph_ort_rewrites_from_one_it_leaves(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foldable.onnx", "plain.onnx"]  # no scratch left
 
 
+def test_ort_passes_applied_at_export_leave_a_fixed_point_that_computes_the_same(tmp_path):
+    """apply_ort_passes bakes in what a session would fold at load: the graph changes once, is
+    then at ORT's fixed point, and gives the original graph's output."""
+    import onnxruntime as ort
+
+    from jaonnx_export.ort_fixed_point import apply_ort_passes, ort_fixed_point
+
+    model = _tiny_graph(tmp_path / "model.onnx", foldable=True)
+    x = {"x": np.arange(4, dtype=np.float32)[None]}
+    expected = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert apply_ort_passes(model, None) is True
+    assert ort_fixed_point(model) is True and apply_ort_passes(model, None) is False
+    np.testing.assert_array_equal(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0],
+                                  expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
 def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache(artifacts, tmp_path, monkeypatch):
     """A default export of a decoder with more than a mebibyte of weights puts them in
     model.onnx.data at page-aligned offsets (ORT maps the file), its static graph is recorded as

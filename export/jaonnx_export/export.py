@@ -24,7 +24,7 @@ from . import consistency
 from .architectures import KV_LAYOUTS, Architecture, adapter_for
 from .genai import write_genai_files
 from .onnx_files import MODEL_FILE, OPSET, ExternalData, save
-from .ort_fixed_point import ort_fixed_point
+from .ort_fixed_point import apply_ort_passes, ort_fixed_point
 from .sources import Source, resolve
 from .staging import Staging
 
@@ -201,6 +201,8 @@ def export(
             precision.convert(config, quality_ref, work, manifest, options, step)
         if manifest.dtype != "fp16":  # fp16 is for CUDA: the optimized-graph cache is CPU only
             step("checking whether ONNX Runtime's graph passes change the graph")
+            if layout == "static" and apply_ort_passes(work / MODEL_FILE, manifest.external_data):
+                step("applied ONNX Runtime's load-time fusions to the graph once, here")
             manifest.ort_fixed_point = ort_fixed_point(work / MODEL_FILE)
         if write_genai_files(work, manifest, config):
             step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
