@@ -164,6 +164,8 @@ def test_ort_passes_applied_at_export_leave_a_fixed_point_that_computes_the_same
     np.testing.assert_array_equal(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, x)[0],
                                   expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with pytest.raises(ValueError, match="model.onnx"):
+        apply_ort_passes(_tiny_graph(tmp_path / "other.onnx", foldable=True), None)
 
 
 def test_default_export_maps_its_weights_and_a_fixed_point_graph_skips_the_cache(artifacts, tmp_path, monkeypatch):

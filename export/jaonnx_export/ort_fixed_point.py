@@ -45,19 +45,19 @@ def apply_ort_passes(model_path: Path, data_file: str | None) -> bool:
     not change (the parity and quality checks ran in sessions that applied them); done once
     here, the graph is at ORT's fixed point and loads with no cache entry. The static decoder
     (built node by node) needs it when a plain Add + LayerNormalization is left for ORT to fuse."""
-    import shutil
-
     import onnx
 
+    from .onnx_files import DATA_FILE, MODEL_FILE, save
+
+    if model_path.name != MODEL_FILE or data_file not in (None, DATA_FILE):
+        raise ValueError(f"apply_ort_passes rewrites an artifact's {MODEL_FILE} (+ {DATA_FILE}), not {model_path}")
     with tempfile.TemporaryDirectory(dir=model_path.parent, prefix=".ort-passes-") as tmp:
-        optimized = _optimized(model_path, "extended", Path(tmp), data_file)
+        optimized = _optimized(model_path, "extended", Path(tmp), "ort.data" if data_file else None)
         before = _signature(onnx.load(str(model_path), load_external_data=False))
         if _signature(onnx.load(str(optimized), load_external_data=False)) == before:
             return False
-        if data_file:
-            (model_path.parent / data_file).unlink(missing_ok=True)
-            shutil.move(str(Path(tmp) / data_file), model_path.parent / data_file)
-        shutil.move(str(optimized), model_path)
+        # Rewritten by the exporter's own writer: one data file, page-aligned (ORT aligns only large tensors).
+        save(optimized, model_path.parent, "always" if data_file else "never")
     return True
 
 
