@@ -98,3 +98,49 @@ def test_unwritable_cache_still_loads(artifacts, tmp_path, monkeypatch):
     monkeypatch.setenv("JAONNX_CACHE_DIR", str(blocker / "cache"))
     fm = jaonnx.load(artifacts["ken11-albert"], providers="cpu")
     assert fm("[MASK]です", top_k=2)
+
+
+@pytest.mark.parametrize("dists, warns", [
+    (["onnxruntime-1.32.0", "onnxruntime_genai-0.18.0"], False),
+    (["onnxruntime-1.32.0", "onnxruntime_gpu-1.32.0"], True),
+])
+def test_both_onnxruntime_wheels_are_found_without_importlib_metadata(tmp_path, monkeypatch, dists, warns):
+    """The CPU and GPU wheels share one `onnxruntime/` folder; their metadata beside it says which
+    are installed (read as a folder listing: importlib.metadata would cost the cold start ~12 ms)."""
+    import sys
+    import types
+    import warnings
+
+    from jaonnx import session
+
+    (tmp_path / "onnxruntime").mkdir()
+    for name in dists:
+        (tmp_path / f"{name}.dist-info").mkdir()
+    fake = types.ModuleType("onnxruntime")
+    fake.__file__ = str(tmp_path / "onnxruntime" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    expected = {"onnxruntime", "onnxruntime-gpu"} if warns else {"onnxruntime"}
+    assert session.ort_distributions(fake) == expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert session.import_ort() is fake
+    assert any("both onnxruntime and onnxruntime-gpu" in str(w.message) for w in caught) == warns
+
+
+def test_physical_cores_come_from_sysfs_and_agree_with_psutil():
+    """The default thread count reads sysfs (no psutil import on a cold start) and counts what
+    psutil counts: one thread per physical core."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    from jaonnx.session import physical_cores
+
+    assert physical_cores(set(range(os.cpu_count()))) == psutil.cpu_count(logical=False)
+    assert physical_cores({10**6}) is None  # a CPU sysfs does not list
+    code = "import sys; from jaonnx.session import default_threads; default_threads(); print('psutil' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "JAONNX_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.stdout.strip() == "False", proc.stderr

@@ -77,7 +77,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="Keep a converted artifact below the quality gate.")] = False,
     int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default 32).")] = None,
     lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
-    embedding: Annotated[str, typer.Option(help="int8/int4 artifacts: the token embedding table as int8 | int4 | fp32.")] = "fp32",
+    embedding: Annotated[Optional[str], typer.Option(
+        help="int8/int4 artifacts: the token embedding table as int8 | int4 | fp32 (default: int8 for decoders, fp32 for encoders).")] = None,
     kv_cache: Annotated[Optional[str], typer.Option(
         "--kv-cache", help="Decoders: static (preallocated, written in place) | concat (copied every step).")] = None,
     parity_atol: Annotated[Optional[float], typer.Option("--parity-atol", help="Accept a larger max |logit diff| (recorded in the manifest).")] = None,

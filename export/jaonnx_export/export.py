@@ -24,6 +24,7 @@ from . import consistency
 from .architectures import KV_LAYOUTS, Architecture, adapter_for
 from .genai import write_genai_files
 from .onnx_files import MODEL_FILE, OPSET, ExternalData, save
+from .ort_fixed_point import apply_ort_passes, ort_fixed_point
 from .sources import Source, resolve
 from .staging import Staging
 
@@ -120,7 +121,7 @@ def export(
     force: bool = False,
     int4_block: int | None = None,
     lm_head: str = "int8",
-    embedding: str = "fp32",
+    embedding: str | None = None,
     kv_cache: str | None = None,
     parity_atol: float | None = None,
 ) -> Manifest:
@@ -129,7 +130,8 @@ def export(
     `quantize="int8"`/`"int4"` (CPU) or `dtype="fp16"` (CUDA) convert the checked fp32 graph and
     gate it on a quality report against PyTorch (see precision.py); `optimize=None` keeps ORT's
     offline transformer fusions only where they measure faster, True/False force them on/off;
-    `embedding` ("int8"/"int4") quantizes an int8/int4 artifact's token embedding table;
+    `embedding` ("int8"/"int4"/"fp32"; None: int8 for decoders, fp32 for encoders) is the precision
+    of an int8/int4 artifact's token embedding table;
     `force` keeps an artifact that fails the quality gate; `kv_cache` picks a decoder's cache
     layout ("static" or "concat", see decoder_graph.py; None: static where the model allows);
     `parity_atol` overrides the parity tolerance (recorded in the manifest).
@@ -197,6 +199,11 @@ def export(
         manifest.parity = check_parity(work, manifest, parity_ref, parity_atol)
         if convert:
             precision.convert(config, quality_ref, work, manifest, options, step)
+        if manifest.dtype != "fp16":  # fp16 is for CUDA: the optimized-graph cache is CPU only
+            step("checking whether ONNX Runtime's graph passes change the graph")
+            if layout == "static" and apply_ort_passes(work / MODEL_FILE, manifest.external_data):
+                step("applied ONNX Runtime's load-time fusions to the graph once, here")
+            manifest.ort_fixed_point = ort_fixed_point(work / MODEL_FILE)
         if write_genai_files(work, manifest, config):
             step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
         manifest.write(work)

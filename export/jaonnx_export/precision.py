@@ -44,7 +44,9 @@ class Options:
     force: bool = False
     int4_block: int = rewrite.INT4_BLOCK
     lm_head: str = "int8"  # int4 artifacts: the LM head's precision
-    embedding: str = "fp32"  # int8/int4 artifacts: the token embedding table's precision
+    # int8/int4 artifacts: the token embedding table's precision. None: int8 for decoders (a
+    # quarter of the fp32 table's bytes, no measurable decode cost), fp32 for encoders.
+    embedding: str | None = None
 
     @property
     def name(self) -> str:
@@ -63,17 +65,18 @@ class Options:
             raise JaonnxError(f"--int4-block must be a power of two from 16 to 256, not {self.int4_block}")
         if self.lm_head not in LM_HEADS:
             raise JaonnxError(f"--lm-head must be int4, int8 or fp32, not {self.lm_head!r}")
-        if self.embedding not in EMBEDDINGS:
+        if self.embedding not in (None, *EMBEDDINGS):
             raise JaonnxError(f"--embedding must be int8, int4 or fp32, not {self.embedding!r}")
 
 
 def _convert_one(path: Path, target: Path, manifest: Manifest, options: Options, data_file: str | None) -> dict[str, Any]:
+    embedding = options.embedding or ("int8" if manifest.decoder is not None else "fp32")
     if options.quantize == "int8":
         return rewrite.quantize_int8(path, target, data_file, vocab_size=manifest.vocab_size,
-                                     embedding=options.embedding)
+                                     embedding=embedding)
     if options.quantize == "int4":
         return rewrite.quantize_int4(path, target, data_file, manifest.vocab_size, options.lm_head, options.int4_block,
-                                     embedding=options.embedding)
+                                     embedding=embedding)
     if options.dtype == "fp16":
         return convert_fp16(path, target, data_file)
     return {}

@@ -69,6 +69,10 @@ class Manifest:
     # quantized per row, never per tensor): greedy tokens are then the same alone and batched.
     # None: exported before the field existed (see is_batch_invariant).
     batch_invariant: bool | None = None
+    # True: ONNX Runtime's CPU graph passes left this graph unchanged when it was exported
+    # (jaonnx_export/ort_fixed_point.py), so the runtime loads it as it is and writes no
+    # optimized copy into its cache (ort_cache.py). None: not checked (older artifacts).
+    ort_fixed_point: bool | None = None
     format_version: int = FORMAT_VERSION
 
     @property

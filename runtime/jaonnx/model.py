@@ -22,6 +22,10 @@ class ArtifactModel:
             self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
         )
         self._check_tokenizer()
+        if manifest.ort_fixed_point and manifest.external_data:
+            # ORT's passes change nothing and the weights are mapped from the artifact's data file:
+            # a cache entry would only copy them. (Inline weights still gain a mapped copy from it.)
+            session_options["cache"] = False
         self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
         self._check_graph()
         self.pad_id = manifest.special_ids.get("pad", 0)

@@ -2,6 +2,9 @@
 
 Why a cache: ORT's level-99 graph passes take seconds on a large graph (12 s for GPT-2 small fp32
 on a busy machine), paid by every new process; a cached optimized graph loads with the passes off.
+Artifacts whose graph those passes leave unchanged (manifest `ort_fixed_point`, checked at export:
+the static-KV decoders) and whose weights are mapped from model.onnx.data skip the cache (model.py):
+an entry would only copy their weights, and writing it made their first load ~3x slower.
 
 Why bounded: each entry holds the optimized graph's weights. Without a bound the cache grew to
 8.3 GB in 64 entries in a day of tests and benchmarks. Now:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,24 +36,39 @@ def _piece_bytes(piece: str) -> bytes:
 
 
 class SentencePieceBackend:
-    """A `spiece.model` read with sentencepiece; a second processor has the dummy prefix off."""
+    """A `spiece.model` read with sentencepiece; a second processor has the dummy prefix off.
+
+    The variants (no dummy prefix; unnormalized) are built on first use: they need the model's
+    protobuf classes (importing them is ~20-40 ms) and a plain generate or fill-mask never calls
+    them, so a cold start does not pay for them."""
 
     def __init__(self, path: Path) -> None:
         import sentencepiece as spm
+
+        self._data = Path(path).read_bytes()
+        self._sp = spm.SentencePieceProcessor(model_proto=self._data)
+        self.vocab_size = self._sp.get_piece_size()
+
+    def _variant(self, exact: bool) -> Any:
+        import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-        data = Path(path).read_bytes()
-        self._sp = spm.SentencePieceProcessor(model_proto=data)
         proto = model_pb2.ModelProto()
-        proto.ParseFromString(data)
+        proto.ParseFromString(self._data)
         proto.normalizer_spec.add_dummy_prefix = False
-        self._sp_cont = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        # Structured output: the pieces of a text exactly as written (no NFKC, no space folding).
-        proto.normalizer_spec.name = "identity"
-        proto.normalizer_spec.precompiled_charsmap = b""
-        proto.normalizer_spec.remove_extra_whitespaces = False
-        self._sp_exact = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        self.vocab_size = self._sp.get_piece_size()
+        if exact:  # structured output: the pieces of a text exactly as written (no NFKC, no space folding)
+            proto.normalizer_spec.name = "identity"
+            proto.normalizer_spec.precompiled_charsmap = b""
+            proto.normalizer_spec.remove_extra_whitespaces = False
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    @cached_property
+    def _sp_cont(self) -> Any:
+        return self._variant(exact=False)
+
+    @cached_property
+    def _sp_exact(self) -> Any:
+        return self._variant(exact=True)
 
     def encode(self, text: str, *, continuation: bool = False) -> list[int]:
         sp = self._sp_cont if continuation and not text[:1].isspace() else self._sp
