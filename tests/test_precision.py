@@ -131,7 +131,8 @@ def test_int4_graph_uses_matmulnbits_with_an_int8_head(converted: dict, recipe: 
     if recipe == "gpt2-small-ja":  # the static-KV twin: CPU graphs use plain LayerNormalization,
         assert (_manifest(directory)["decoder"] or {}).get("kv_layout") == "static"  # ORT's fused one is slower
         ops = {n.op_type for n in model.graph.node}
-        assert "LayerNormalization" in ops and "SkipLayerNormalization" not in ops
+        # (ORT fuses the last residual Add + ln_f at load anyway: the export bakes that one in)
+        assert "LayerNormalization" in ops and sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node) <= 1
 
 
 def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) -> None:
