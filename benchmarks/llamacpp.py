@@ -190,8 +190,6 @@ def main() -> None:
             cold[engine].append(c.get("cold_start_s", float("nan")))
             if not is_llama and not args.no_first_load:  # the first load ever: an empty optimized-graph cache
                 with tempfile.TemporaryDirectory() as empty:
-                    import os
-
                     os.environ["JAONNX_CACHE_DIR"] = empty
                     c = run_worker("coldstart", {**coldstart_args, **wargs}, args.threads)
                     del os.environ["JAONNX_CACHE_DIR"]
