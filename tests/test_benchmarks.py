@@ -114,7 +114,32 @@ def test_weight_bytes_skips_embedding_lookups(artifacts: dict[str, Path]) -> Non
     art = artifacts["gpt2-small-ja"]
     read, how = weight_bytes(art / "model.onnx")
     size = sum(f.stat().st_size for f in art.glob("model.onnx*"))
-    assert 0 < read < size and "Gather" in how
+    assert 0 < read < size and "lookup" in how
+
+
+def test_weight_bytes_skips_quantized_lookups_but_not_products(tmp_path: Path) -> None:
+    """A hand-built graph: an fp32 table read by Gather, an int8 table (+ scales, zero points) read
+    by GatherBlockQuantized, and a [16, 8] fp32 weight read by MatMul: a decode step reads only the
+    weight's 16 * 8 * 4 bytes."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.zeros((100, 16), np.float32), "table"),
+             numpy_helper.from_array(np.zeros((100, 16), np.uint8), "qtable"),
+             numpy_helper.from_array(np.ones((100, 1), np.float32), "qscale"),
+             numpy_helper.from_array(np.zeros((100, 1), np.uint8), "qzero"),
+             numpy_helper.from_array(np.zeros((16, 8), np.float32), "weight")]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["a"]),
+             helper.make_node("GatherBlockQuantized", ["qtable", "ids", "qscale", "qzero"], ["b"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=1, block_size=16, bits=8),
+             helper.make_node("Add", ["a", "b"], ["c"]),
+             helper.make_node("MatMul", ["c", "weight"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 8])], inits)
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    read, how = weight_bytes(tmp_path / "model.onnx")
+    assert read == 16 * 8 * 4 and "lookup" in how
 
 
 def test_jaonnx_bench_json_for_a_decoder_with_profile(artifacts: dict[str, Path]) -> None:

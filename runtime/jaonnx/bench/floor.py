@@ -6,14 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+LOOKUPS = frozenset({"Gather", "GatherBlockQuantized"})  # ops that read one row of a table per token
 _ITEMSIZE = {1: 4, 2: 1, 3: 1, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 16: 2, 21: 1, 22: 1}  # onnx TensorProto types
 
 
 def weight_bytes(model_path: str | Path) -> tuple[int, str]:
     """(bytes a decode step reads from the weights, how it was counted).
 
-    With the `onnx` package: every initializer except tables read only through `Gather` (an
-    embedding lookup reads one row per token). Without it: the model files' size, an upper bound."""
+    With the `onnx` package: every initializer except tables read only through lookups
+    (`Gather`, or `GatherBlockQuantized` for a quantized table with its scales and zero points):
+    an embedding lookup reads one row per token. Without it: the model files' size, an upper bound."""
     model_path = Path(model_path)
     try:
         import onnx
@@ -27,10 +29,10 @@ def weight_bytes(model_path: str | Path) -> tuple[int, str]:
             consumers.setdefault(name, set()).add(node.op_type)
     total = 0
     for init in model.graph.initializer:
-        if consumers.get(init.name) == {"Gather"}:
+        if consumers.get(init.name, {"?"}) <= LOOKUPS:
             continue
         total += _tensor_bytes(init)
-    return total, "initializers except Gather-only tables"
+    return total, "initializers except lookup-only (Gather) tables"
 
 
 def _tensor_bytes(t: Any) -> int:
