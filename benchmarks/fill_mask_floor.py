@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .gemm_floor import KINDS, _model, bert_fill_mask_flops, fill_mask_floor_ms
+from .gemm_floor import KINDS, bert_fill_mask_flops, fill_mask_floor_ms, square_product
 
 SEQS = (32, 128)
 
@@ -165,13 +165,7 @@ def main() -> None:
     sessions: dict[str, list[tuple[Any, dict[str, Any], int]]] = {k: [] for k in KINDS}
     for size in (int(s) for s in args.sizes.split(",")):
         for kind in KINDS:
-            blob, feed = _model(kind, size, size, size)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-            session.run(None, feed)
-            sessions[kind].append((session, feed, size))
+            sessions[kind].append((*square_product(kind, size, threads), size))
     for name, fn in calls.items():
         for text in by_seq.values():
             fn(text)

@@ -57,19 +57,24 @@ def _model(kind: str, m: int, k: int, n: int) -> tuple[bytes, dict[str, np.ndarr
 KINDS = ("fp32", "dynamic_int8", "integer_u8s8")
 
 
+def square_product(kind: str, size: int, threads: int) -> tuple[Any, dict[str, Any]]:
+    """A warmed-up CPU session computing one size^3 product of `kind`, and its feed."""
+    import onnxruntime as ort
+
+    blob, feed = _model(kind, size, size, size)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
+    session.run(None, feed)
+    return session, feed
+
+
 def measure(size: int = 2048, threads: int = 2, rounds: int = 5, calls: int = 3) -> dict[str, Any]:
     """GFLOP/s per kind: the best call of each round, median and range over the rounds."""
     import onnxruntime as ort
 
-    sessions = {}
-    for kind in KINDS:
-        blob, feed = _model(kind, size, size, size)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(blob, options, providers=["CPUExecutionProvider"])
-        session.run(None, feed)
-        sessions[kind] = (session, feed)
+    sessions = {kind: square_product(kind, size, threads) for kind in KINDS}
     flops = 2.0 * size**3
     rates: dict[str, list[float]] = {k: [] for k in KINDS}
     for r in range(rounds):
