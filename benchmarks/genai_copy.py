@@ -30,6 +30,7 @@ def make_copy(artifact: Path, out: Path) -> Path:
     if keep:
         graph.input.remove(keep[0])
         graph.initializer.append(numpy_helper.from_array(np.array([1 << 30], dtype=np.int64), "logits_to_keep"))
+    _mask_to_lengths(graph)
     onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     d, special = manifest["decoder"], manifest["special_ids"]
     config = {
@@ -57,6 +58,34 @@ def make_copy(artifact: Path, out: Path) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def _mask_to_lengths(graph: "onnx.GraphProto") -> None:
+    """A static-KV artifact takes GroupQueryAttention's `seqlens_k` and `total_sequence_length`
+    directly; genai feeds an `attention_mask` and lets the graph derive them (as its own model
+    builder's graphs do): seqlens_k = sum(mask) - 1, total = mask width, both int32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import numpy as np
+
+    names = {i.name: i for i in graph.input}
+    if "seqlens_k" not in names or "attention_mask" in names:
+        return
+    for name in ("seqlens_k", "total_sequence_length"):
+        graph.input.remove(names[name])
+    graph.input.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]))
+    graph.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "genai_one"),
+                              numpy_helper.from_array(np.array(1, np.int32), "genai_one_i32")])
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", "genai_one"], ["genai_mask_sum"], keepdims=0),
+        helper.make_node("Cast", ["genai_mask_sum"], ["genai_mask_sum_i32"], to=TensorProto.INT32),
+        helper.make_node("Sub", ["genai_mask_sum_i32", "genai_one_i32"], ["seqlens_k"]),
+        helper.make_node("Shape", ["attention_mask"], ["genai_mask_shape"], start=1, end=2),
+        helper.make_node("Cast", ["genai_mask_shape"], ["genai_total_1d"], to=TensorProto.INT32),
+        helper.make_node("Squeeze", ["genai_total_1d"], ["total_sequence_length"]),
+    ]
+    for i, node in enumerate(nodes):
+        graph.node.insert(i, node)
 
 
 if __name__ == "__main__":
