@@ -47,6 +47,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from decoder_loops import greedy_rows, join_leave  # noqa: E402  (benchmarks/ is on the path now)
+
 SHAPES = {
     "1b": dict(n_layer=24, n_embd=2048, n_head=16, vocab_size=44928, n_positions=1024),
     "tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=3000, n_positions=1024),
@@ -247,37 +249,6 @@ def decoder(artifact: Path, providers: str, capture: bool) -> Any:
     return dec
 
 
-def greedy(dec: Any, prompts: list[list[int]], new: int) -> tuple[list[list[int]], np.ndarray]:
-    logits = dec.add(prompts, reserve=max(map(len, prompts)) + new + 8)
-    first = logits.copy()
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(new):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = dec.step(tokens[:, None])[:, -1]
-    return out, first
-
-
-def join_leave(dec: Any, prompts: list[list[int]]) -> list[list[int]]:
-    """Two rows, a third joins after 4 tokens, the middle one leaves after 8 (buckets 2, 4, 2)."""
-    logits = dec.add(prompts[:2], reserve=48)
-    out: list[list[int]] = [[], []]
-    for t in range(16):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = dec.step(tokens[:, None])[:, -1]
-        if t == 3:
-            logits = np.concatenate([logits, dec.add([prompts[2]], reserve=48)])
-            out.append([])
-        if t == 7:
-            dec.keep([0, 2])
-            logits = logits[[0, 2]]
-            out = [out[0], out[2], out[1]]
-    return out
-
-
 def step_ms(dec: Any, batch: int, context: int, steps: int, vocab: int) -> float:
     """Median wall ms of a decode step (one token per row) after a `context`-token prefill."""
     prompt = [5 + i % (vocab - 10) for i in range(context)]
@@ -422,7 +393,7 @@ def main() -> None:
         which, want, want_logits = zip(*(reference_greedy(weights, shape, p, new) for p in prompts))
         report: dict[str, Any] = {"reference": ",".join(sorted(set(which)))}
         for capture in (False, True):
-            got, first = greedy(decoder(art, args.providers, capture), prompts, new)
+            got, first = greedy_rows(decoder(art, args.providers, capture), prompts, new, spare=8)
             name = "captured" if capture else "uncaptured"
             report[f"equal_{name}"] = got == list(want)
             if got != list(want):  # where each row first differs (a near-tie, or a bug)
@@ -435,9 +406,9 @@ def main() -> None:
         return report
 
     def check_capture() -> dict[str, Any]:
-        plain = join_leave(decoder(art, args.providers, False), prompts)
+        plain = join_leave(decoder(art, args.providers, False), prompts, 16, 48, 48)
         dec = decoder(art, args.providers, True)
-        captured = join_leave(dec, prompts)
+        captured = join_leave(dec, prompts, 16, 48, 48)
         return {"identical": plain == captured, "graphs": [size for _, size in dec.graphs.captured]}
 
     def check_decode() -> dict[str, Any]:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.decoder_loops import greedy_rows
+
 
 # How each model card loads its tokenizer: (transformers class, from_pretrained kwargs).
 CARD_TOKENIZERS = {
@@ -69,14 +71,7 @@ def hf_greedy(model, ids: list[int], new: int) -> list[int]:
 
 def batch_greedy(decoder, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Greedy ids of every prompt through a `BatchDecoder` directly: add them, then step."""
-    logits = decoder.add(prompts, reserve=max(map(len, prompts)) + new)
-    out: list[list[int]] = [[] for _ in prompts]
-    for _ in range(new):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = decoder.step(tokens[:, None])[:, -1]
-    return out
+    return greedy_rows(decoder, prompts, new)[0]
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from benchmarks.decoder_loops import join_leave
 from conftest import export_via_cli
 from helpers import batch_greedy, hf_greedy, hf_logits, hf_model
 
@@ -245,21 +246,7 @@ class _Recording:
 
 def _join_leave(decoder) -> list[list[int]]:
     """Two rows, a third joins after 4 tokens, the middle one leaves after 8: greedy tokens."""
-    logits = decoder.add(PROMPTS[:2], reserve=4)
-    out: list[list[int]] = [[], []]
-    for t in range(12):
-        tokens = logits.argmax(-1)
-        for row, token in enumerate(tokens):
-            out[row].append(int(token))
-        logits = decoder.step(tokens[:, None])[:, -1]
-        if t == 3:
-            logits = np.concatenate([logits, decoder.add([PROMPTS[2]], reserve=20)])
-            out.append([])
-        if t == 7:
-            decoder.keep([0, 2])
-            logits = logits[[0, 2]]
-            out = [out[0], out[2], out[1]]
-    return out
+    return join_leave(decoder, PROMPTS, 12, 4, 20)
 
 
 def test_fake_device_capture_gives_the_uncaptured_tokens_as_rows_join_and_leave(twin, tmp_path: Path) -> None:
