@@ -29,7 +29,8 @@ def weight_bytes(model_path: str | Path) -> tuple[int, str]:
             consumers.setdefault(name, set()).add(node.op_type)
     total = 0
     for init in model.graph.initializer:
-        if consumers.get(init.name, {"?"}) <= LOOKUPS:
+        ops = consumers.get(init.name)
+        if ops and ops <= LOOKUPS:
             continue
         total += _tensor_bytes(init)
     return total, "initializers except lookup-only (Gather) tables"
