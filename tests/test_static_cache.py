@@ -126,6 +126,28 @@ def test_join_keep_discard_and_block_equal_solo_runs(static_artifacts: dict, mod
     assert decoder.rows == 2  # scoring left the batch alone
 
 
+def test_logits_stay_valid_while_decode_steps_and_prefill_chunks_alternate(static_artifacts: dict, model,
+                                                                         prompts: list) -> None:
+    """A running row decodes while another prompt is prefilled in chunks of 2 (the two
+    bindings are reused in turn, inputs and logits bound by address). Every logits array
+    returned is kept to the end and still equals transformers: none is a buffer a later run
+    writes over."""
+    decoder = _decoder(static_artifacts["fp32"])
+    sequence = list(prompts[0])
+    kept = [(list(sequence), decoder.add([prompts[0]], reserve=40)[0])]
+    joining = prompts[2]
+    row = decoder.open(reserve=len(joining) + 4)
+    chunk_logits = []
+    for start in range(0, len(joining), 2):
+        token = int(kept[-1][1].argmax())
+        sequence.append(token)
+        kept.append((list(sequence), decoder.step(np.array([[token]]))[0, -1]))
+        chunk_logits.append((joining[: start + 2], decoder.fill(row, joining[start : start + 2])))
+    assert len(kept) > 3 and len(joining) % 2 == 1  # an odd prompt: the last chunk has another shape
+    for ids, logits in kept + chunk_logits:
+        np.testing.assert_allclose(logits, hf_logits(model, ids)[-1], atol=1e-3)
+
+
 def test_int8_static_graph_quantizes_every_matmul_and_head(static_artifacts: dict, model, prompts: list) -> None:
     import onnx
 

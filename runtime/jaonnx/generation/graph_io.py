@@ -40,6 +40,13 @@ class GraphIO:
         """(heads, head_dim) of one row's cache per layer and k/v."""
         return self.shape.num_heads, self.shape.head_dim
 
+    @property
+    def logits_spec(self) -> tuple[int | None, Any]:
+        """(vocab width, numpy dtype) of the graph's `logits` output; width None when symbolic."""
+        output = next(o for o in self.session.get_outputs() if o.name == "logits")
+        width = output.shape[-1] if output.shape and isinstance(output.shape[-1], int) else None
+        return width, np.float16 if output.type == "tensor(float16)" else np.float32
+
     def token_bytes(self) -> int:
         """Cache bytes one token of one row takes over all layers."""
         heads, head_dim = self.row_shape
