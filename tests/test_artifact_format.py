@@ -97,6 +97,9 @@ CORRUPTIONS = [
      "normalizers[0]"),
     ("no decoder shape", lambda d: {**d, "decoder": None}, "decoder"),
     ("format 0", lambda d: {**d, "format_version": 0}, "format 0"),
+    ("load-only ranges not pairs", lambda d: {**d, "load_only_data": [[4096, 512, 1]]}, "load_only_data"),
+    ("a negative load-only offset", lambda d: {**d, "load_only_data": [[-1, 512]]}, "load_only_data"),
+    ("load-only offsets as strings", lambda d: {**d, "load_only_data": [["4096", 512]]}, "load_only_data[0][0]"),
 ]
 
 

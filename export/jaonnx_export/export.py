@@ -24,6 +24,7 @@ from . import consistency
 from .architectures import KV_LAYOUTS, Architecture, adapter_for
 from .genai import write_genai_files
 from .onnx_files import MODEL_FILE, OPSET, ExternalData, save
+from .load_only import load_only_ranges
 from .ort_fixed_point import apply_ort_passes, ort_fixed_point
 from .sources import Source, resolve
 from .staging import Staging
@@ -204,6 +205,8 @@ def export(
             if layout == "static" and apply_ort_passes(work / MODEL_FILE, manifest.external_data):
                 step("applied ONNX Runtime's load-time fusions to the graph once, here")
             manifest.ort_fixed_point = ort_fixed_point(work / MODEL_FILE)
+            if manifest.external_data:
+                manifest.load_only_data = tuple(tuple(r) for r in load_only_ranges(work / MODEL_FILE))
         if write_genai_files(work, manifest, config):
             step("wrote genai_config.json (onnxruntime-genai runs this artifact too)")
         manifest.write(work)

@@ -73,6 +73,10 @@ class Manifest:
     # (jaonnx_export/ort_fixed_point.py), so the runtime loads it as it is and writes no
     # optimized copy into its cache (ort_cache.py). None: not checked (older artifacts).
     ort_fixed_point: bool | None = None
+    # [offset, length] ranges of the data file that ORT reads only while loading (MatMulNBits'
+    # scales and zero points, packed into its own buffers on x86-64; jaonnx_export/load_only.py):
+    # the runtime drops their pages once the session is built (page_release.py).
+    load_only_data: tuple[tuple[int, ...], ...] = ()
     format_version: int = FORMAT_VERSION
 
     @property
@@ -103,6 +107,8 @@ class Manifest:
         if not isinstance(data, dict):
             raise FieldError(f"the manifest must be a JSON object, not {type(data).__name__}")
         manifest = build(cls, data, "manifest")
+        if any(len(r) != 2 or min(r) < 0 for r in manifest.load_only_data):
+            raise FieldError("manifest.load_only_data must list [offset, length] pairs of non-negative byte counts")
         for name in (manifest.model_file, manifest.tokenizer_file, manifest.external_data):
             if name is not None and (not name or Path(name).name != name or name in (".", "..")):
                 raise FieldError(f"manifest file name {name!r} must be a plain file inside the artifact")

@@ -7,6 +7,7 @@ from typing import Any
 
 from .artifact import Manifest
 from .errors import JaonnxError
+from .page_release import release_load_only_pages
 from .session import Providers, create_session
 from .tokenization import RecipeTokenizer
 
@@ -22,11 +23,15 @@ class ArtifactModel:
             self.recipe, self.directory / manifest.tokenizer_file, manifest.special_ids
         )
         self._check_tokenizer()
-        if manifest.ort_fixed_point and manifest.external_data:
+        direct = bool(manifest.ort_fixed_point and manifest.external_data)
+        if direct:
             # ORT's passes change nothing and the weights are mapped from the artifact's data file:
             # a cache entry would only copy them. (Inline weights still gain a mapped copy from it.)
             session_options["cache"] = False
         self.session = create_session(self.directory / manifest.model_file, providers, **session_options)
+        if direct and manifest.load_only_data and self.session.get_providers()[0] == "CPUExecutionProvider":
+            # the session maps the artifact's own data file (no cache entry): its offsets are the manifest's
+            release_load_only_pages(self.directory / str(manifest.external_data), manifest.load_only_data)
         self._check_graph()
         self.pad_id = manifest.special_ids.get("pad", 0)
 
