@@ -148,6 +148,26 @@ def test_logits_stay_valid_while_decode_steps_and_prefill_chunks_alternate(stati
         np.testing.assert_allclose(logits, hf_logits(model, ids)[-1], atol=1e-3)
 
 
+def test_kept_bindings_do_not_pin_wide_logits(static_artifacts: dict, model, prompts: list) -> None:
+    """A chunk scored at every position (prompt log-probabilities) returns its full logits, but
+    the binding kept for reuse holds no buffer that size; decode steps' small ones are kept."""
+    from jaonnx.generation.static_cache import HELD_LOGITS_BYTES
+
+    decoder = _decoder(static_artifacts["fp32"])
+    vocab = model.config.vocab_size
+    wide = HELD_LOGITS_BYTES // (vocab * 4) + 8  # positions whose logits exceed the limit
+    logits = decoder.add([prompts[0]], reserve=wide + 40)
+    decoder.step(logits.argmax(-1)[:, None])
+    kept = decoder.held_logits_bytes
+    assert 0 < kept <= HELD_LOGITS_BYTES
+    sequence = (prompts[1] * (wide // len(prompts[1]) + 1))[:wide]
+    row = decoder.open(reserve=wide + 4)
+    every = decoder.fill(row, sequence, every=True)
+    assert every.shape[0] == wide
+    np.testing.assert_allclose(every[-1], hf_logits(model, sequence)[-1], atol=1e-3)
+    assert decoder.held_logits_bytes <= HELD_LOGITS_BYTES < every.nbytes
+
+
 def test_int8_static_graph_quantizes_every_matmul_and_head(static_artifacts: dict, model, prompts: list) -> None:
     import onnx
 

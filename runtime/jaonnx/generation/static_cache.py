@@ -29,6 +29,7 @@ from .cuda_graphs import CudaGraphs
 
 MIN_CAPACITY = 64
 BOUND_RUNS = 4  # bindings kept (decode step, joining chunk, and a spare of each after a change)
+HELD_LOGITS_BYTES = 1 << 22  # a binding keeps its logits buffer up to 4 MiB (decode: rows x vocab x 4 B)
 
 
 class StaticBatchDecoder:
@@ -217,6 +218,12 @@ class StaticBatchDecoder:
         run.set("logits_to_keep", [keep], np.int64)
         return self.io.logits(run.run(self.session, (len(ids), keep), self._run_options))
 
+    @property
+    def held_logits_bytes(self) -> int:
+        """Bytes of logits buffers the kept bindings hold between runs (at most BOUND_RUNS x
+        HELD_LOGITS_BYTES)."""
+        return sum(run.held_bytes for run in self._bound.values())
+
     def _binding(self, first: int, rows: int) -> BoundRun:
         """The binding of rows first..first+rows-1. Binding ~50 buffers costs ~0.4 ms, so the
         last BOUND_RUNS bindings are kept until the allocation changes: the decode step's and
@@ -332,13 +339,22 @@ class BoundRun:
         else:
             held[...] = values
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the logits buffer this binding keeps between runs."""
+        return 0 if self._logits is None else self._logits.nbytes
+
     def run(self, session: Any, kept: tuple[int, int], run_options: Any) -> np.ndarray:
-        """Run; a fresh array of the logits [rows, kept, vocab] (the held one is the next run's)."""
-        if not self.by_address or self.vocab is None:
+        """Run; a fresh array of the logits [rows, kept, vocab] (the held one is the next run's).
+        Logits over HELD_LOGITS_BYTES (a chunk's prompt log-probabilities, a wide prefill) are
+        left to ORT to allocate per run: a kept binding would otherwise pin them."""
+        shape = (*kept, self.vocab or 0)
+        wide = int(np.prod(shape)) * np.dtype(self.logits_dtype).itemsize > HELD_LOGITS_BYTES
+        if not self.by_address or self.vocab is None or wide:
+            self._logits = None
             self.binding.bind_output("logits", "cpu")  # rebound: the last run's logits have another shape
             session.run_with_iobinding(self.binding, run_options)
             return self.binding.get_outputs()[0].numpy()
-        shape = (*kept, self.vocab)
         if self._logits is None or self._logits.shape != shape:
             self._logits = np.empty(shape, dtype=self.logits_dtype)
             self.binding.bind_output("logits", "cpu", 0, self._logits.dtype.type, list(shape), self._logits.ctypes.data)
