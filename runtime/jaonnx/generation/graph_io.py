@@ -34,18 +34,18 @@ class GraphIO:
         self.dtype = np.float16 if manifest.inputs.get(self.past_names[0]) == "float16" else np.float32
         self.device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.vocab_limit = manifest.tokenizer_size  # ids from here on are embedding padding
+        # (vocab width, numpy dtype) of the graph's `logits` output, read once; width None when
+        # symbolic (or absent): the static decoder then reads logits back from ORT instead
+        output = next((o for o in session.get_outputs() if o.name == "logits"), None)
+        shape = output.shape if output is not None else None
+        width = shape[-1] if shape and isinstance(shape[-1], int) else None
+        dtype = np.float16 if output is not None and output.type == "tensor(float16)" else np.float32
+        self.logits_spec: tuple[int | None, Any] = (width, dtype)
 
     @property
     def row_shape(self) -> tuple[int, int]:
         """(heads, head_dim) of one row's cache per layer and k/v."""
         return self.shape.num_heads, self.shape.head_dim
-
-    @property
-    def logits_spec(self) -> tuple[int | None, Any]:
-        """(vocab width, numpy dtype) of the graph's `logits` output; width None when symbolic."""
-        output = next(o for o in self.session.get_outputs() if o.name == "logits")
-        width = output.shape[-1] if output.shape and isinstance(output.shape[-1], int) else None
-        return width, np.float16 if output.type == "tensor(float16)" else np.float32
 
     def token_bytes(self) -> int:
         """Cache bytes one token of one row takes over all layers."""
