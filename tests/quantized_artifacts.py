@@ -9,7 +9,9 @@ from pathlib import Path
 from conftest import export_via_cli
 
 RECIPE = "gpt2-small-ja"
-PRECISION_FLAGS = {"fp32": (), "fp16": ("--dtype", "fp16"), "int8": ("--quantize", "int8"), "int4": ("--quantize", "int4")}
+PRECISION_FLAGS = {"fp32": (), "fp16": ("--dtype", "fp16"), "int8": ("--quantize", "int8"), "int4": ("--quantize", "int4"),
+                   # blocks of 128 are batch-invariant only through the static graph's even rows
+                   "int4-b128": ("--quantize", "int4", "--int4-block", "128")}
 # (layout, fused-or-not) -> export flags. The static graph is built from fused ops and never
 # re-optimized, so it has one form; concat has the default (fusions kept where measured faster)
 # and --no-optimize.

@@ -80,10 +80,16 @@ class Architecture(ABC):
         inputs, outputs = self.names(config)
         return GraphIO(self.input_dtypes(config), {name: "float32" for name in outputs}, self.decoder_shape(config))
 
+    def pads_rows(self, layout: str | None) -> bool:
+        """Whether write_graph can pad the weight products' rows to an even count."""
+        return False
+
     def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
-                    *, quantized: bool = False, cuda: bool = False) -> None:
+                    *, quantized: bool = False, cuda: bool = False, even_rows: bool = False) -> None:
         """Write the graph to `target` (model.onnx in a scratch directory); `cuda`: the artifact
-        targets CUDA (fp16), where a built graph may prefer other ops than on the CPU."""
+        targets CUDA (fp16), where a built graph may prefer other ops than on the CPU;
+        `even_rows`: pad the weight products' rows to an even count where this graph can
+        (decoder_graph.py; the graph records it in its metadata)."""
         trace(self.wrap(model, recipe), self, model.config, target)
 
 
@@ -233,15 +239,18 @@ class GPT2(Architecture):
         # Built as its target wants it (write_graph); the fusion timing feeds are concat-style.
         return GraphIO(inputs, outputs, decoder_graph.decoder_shape(config), fusable=False)
 
+    def pads_rows(self, layout: str | None) -> bool:
+        return layout == "static"  # decoder_graph.build(even_rows=True)
+
     def write_graph(self, model: nn.Module, recipe: Recipe, layout: str | None, target: Path,
-                    *, quantized: bool = False, cuda: bool = False) -> None:
+                    *, quantized: bool = False, cuda: bool = False, even_rows: bool = False) -> None:
         if quantized:  # the head gets its own quantized copy either way; untied, the token
             untie_lm_head(model)  # lookup stays a Gather on [vocab, hidden] that --embedding can quantize
         if layout == "static":
             # Fused SkipLayerNormalization/FastGelu for CUDA (fewer launches); plain Add +
             # LayerNormalization on the CPU, where ORT 1.32's SkipLayerNormalization is ~8x slower
             # for a 128-token prefill (benchmarks/results/fused_vs_plain_prefill_1thread.json).
-            decoder_graph.build(model, target, fused=cuda)
+            decoder_graph.build(model, target, fused=cuda, even_rows=even_rows and not cuda)
             return
         super().write_graph(model, recipe, layout, target)
 

@@ -75,7 +75,7 @@ def export(
     optimize: Annotated[Optional[bool], typer.Option(
         "--optimize/--no-optimize", help="ORT transformer fusions: on / off (default: kept only where measured faster).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Keep a converted artifact below the quality gate.")] = False,
-    int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default 32).")] = None,
+    int4_block: Annotated[Optional[int], typer.Option(help="int4 block size along K (default: the recipe's, 32; 128 for rinna-gpt-1b).")] = None,
     lm_head: Annotated[str, typer.Option(help="int4 artifacts: the LM head as int4 | int8 | fp32.")] = "int8",
     embedding: Annotated[Optional[str], typer.Option(
         help="int8/int4 artifacts: the token embedding table as int8 | int4 | fp32 (default: int8 for decoders, fp32 for encoders).")] = None,

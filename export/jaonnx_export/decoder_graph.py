@@ -15,6 +15,13 @@ ORT 1.32's SkipLayerNormalization kernel is slower (~8x at 128 rows; CPU time pe
 fused_vs_plain_prefill_1thread.json; architectures.py chooses). The tied LM head reads the embedding table itself, stored once as
 [hidden, vocab]. Nothing in the graph computes a shape or copies a value to the host, so ORT
 can capture it as one CUDA graph (checked by jaonnx_export.cuda_placement).
+
+`even_rows` (CPU, int4 blocks of 64 and more) carries the residual stream as [rows, hidden]
+padded with one zero row when batch x sequence is odd, so every weight product sees an even
+row count. ORT 1.32's MatMulNBits computes rows in pairs, each row independent of its
+partner, but a lone row (M == 1, or the last of an odd M) with another kernel whose sums
+differ in the last bits for blocks >= 64: without the padding a request's tokens would depend
+on its batch. Attention sees the real rows only (a Slice before it, a Pad after it).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from jaonnx.errors import JaonnxError
 
 OPSET = 18
 MS_DOMAIN = "com.microsoft"
+# metadata_props key: the graph pads its rows to an even count (read by quantize.quantize_int4)
+EVEN_ROWS_KEY = "jaonnx.even_rows"
 # transformers' activation name -> (op, domain); gelu_new is the tanh approximation.
 ACTIVATIONS = {
     "gelu_new": ("FastGelu", MS_DOMAIN),
@@ -72,7 +81,32 @@ def decoder_shape(config: Any) -> DecoderShape:
                         head_dim=int(config.n_embd) // int(config.n_head), kv_layout="static")
 
 
-def build(model: Any, path: Path, fused: bool = True) -> None:
+class EvenRows:
+    """The nodes of `even_rows` (module docstring): [batch, sequence, width] <-> [rows, width],
+    the latter with one zero row added when batch x sequence is odd. `node(op, inputs, out,
+    **attrs)` and `init(name, array)` are the graph builder's own."""
+
+    def __init__(self, node: Any, init: Any, hidden: int) -> None:
+        self.node = node
+        i64 = lambda values: np.array(values, dtype=np.int64)  # noqa: E731
+        self.by_hidden = init("rows_shape", i64([-1, hidden]))
+        self.zero = init("rows_zero", i64([0]))
+        self.count = node("ReduceProd", [node("Shape", ["input_ids"], "batch_seq")], "rows_real", keepdims=1)
+        odd = node("Mod", [self.count, init("rows_two", i64([2]))], "rows_odd")
+        self.pads = node("Concat", [self.zero, self.zero, odd, self.zero], "rows_pads", axis=0)  # [0, 0, odd, 0]
+        self.batch_seq_any = node("Concat", ["batch_seq", init("rows_any", i64([-1]))], "batch_seq_any", axis=0)
+
+    def pad(self, x: str) -> str:
+        """[batch, sequence, hidden] -> [even rows, hidden]."""
+        return self.node("Pad", [self.node("Reshape", [x, self.by_hidden], f"{x}_rows"), self.pads], f"{x}_even")
+
+    def real(self, x: str, stem: str) -> str:
+        """[even rows, width] -> [batch, sequence, width]: the padding row dropped."""
+        kept = self.node("Slice", [x, self.zero, self.count, self.zero], f"{stem}_real")
+        return self.node("Reshape", [kept, self.batch_seq_any], f"{stem}_bsh")
+
+
+def build(model: Any, path: Path, fused: bool = True, even_rows: bool = False) -> None:
     """Write the static-cache decoder graph of a transformers GPT2LMHeadModel to `path`
     (weights in `path`.data next to it; the caller re-saves as it likes).
 
@@ -81,12 +115,15 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
     FastGelu/BiasGelu. Fewer nodes is fewer kernel launches on CUDA, and the fp16 converter
     leaves SkipLayerNormalization in fp16 (it accumulates its mean and variance in fp32), so
     the fp16 graph has no Cast pair around any LayerNorm. `fused=False` builds the plain ONNX
-    ops (what the fused graph is measured against)."""
+    ops (what the fused graph is measured against). `even_rows` pads the rows of every weight
+    product to an even count (module docstring; plain graphs only)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     config = model.config
     reason = supported(config)
+    if even_rows and fused:
+        raise ValueError("even_rows is for the plain (CPU) graph")
     if reason:
         raise JaonnxError(f"{reason}: export with --kv-cache concat")
     weights = {k: v.detach().to("cpu").float().numpy() for k, v in model.state_dict().items()}
@@ -164,16 +201,20 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
     scale = 1.0 / math.sqrt(shape.head_dim)
     last = shape.num_layers - 1
 
+    rows = EvenRows(node, init, int(config.n_embd)) if even_rows else None
+
     def attention(x: str, i: int) -> str:
         p = f"transformer.h.{i}"
         qkv = linear(x, f"{p}.attn.c_attn", f"l{i}_qkv")
+        if rows:
+            qkv = rows.real(qkv, f"l{i}_qkv")
         nodes.append(helper.make_node(
             "GroupQueryAttention",
             [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k", "total_sequence_length"],
             [f"l{i}_attn", f"present.{i}.key", f"present.{i}.value"],
             name=f"l{i}_gqa", domain=MS_DOMAIN, num_heads=heads, kv_num_heads=heads, scale=scale, do_rotary=0,
         ))
-        return f"l{i}_attn"
+        return rows.pad(f"l{i}_attn") if rows else f"l{i}_attn"
 
     if fused:
         x, h = skip_norm(tok, pos, "transformer.h.0.ln_1", "", "l0_ln1")
@@ -193,6 +234,8 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
         hidden = x
     else:
         h = node("Add", [tok, pos], "h0")
+        if rows:
+            h = rows.pad(h)
         for i in range(shape.num_layers):
             p = f"transformer.h.{i}"
             attn = attention(layer_norm(h, f"{p}.ln_1", f"l{i}_ln1"), i)
@@ -200,6 +243,8 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
             x = layer_norm(h, f"{p}.ln_2", f"l{i}_ln2")
             m = node(act_op, [linear(x, f"{p}.mlp.c_fc", f"l{i}_fc")], f"l{i}_act", domain=act_domain)
             h = node("Add", [h, linear(m, f"{p}.mlp.c_proj", f"l{i}_mlp_out")], f"l{i}_h")
+        if rows:  # drop the padding row before the final norm and the head
+            h = rows.real(h, "h")
         hidden = layer_norm(h, "transformer.ln_f", "h_final")
 
     # Only the last `logits_to_keep` positions go through the vocabulary projection. The count
@@ -231,5 +276,7 @@ def build(model: Any, path: Path, fused: bool = True) -> None:
                                                          helper.make_opsetid(MS_DOMAIN, 1)],
                                    producer_name="jaonnx")
     onnx_model.ir_version = 9
+    if rows:
+        helper.set_model_props(onnx_model, {EVEN_ROWS_KEY: "1"})
     data.close()
     onnx.save_model(onnx_model, str(path))

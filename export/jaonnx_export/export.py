@@ -157,6 +157,8 @@ def export(
         config = model.config
         layout = adapter.kv_layout(config, kv_cache, step)
         graph = adapter.graph_io(config, layout)
+        if int4_block is None and quantize == "int4":
+            _choose_int4_block(options, recipe.int4_block, adapter.pads_rows(layout), step)
         if not graph.fusable:
             options.optimize = False
         convert = bool(quantize or dtype != "fp32" or options.optimize is not False)
@@ -188,7 +190,8 @@ def export(
         traced = work / ".traced" / MODEL_FILE
         traced.parent.mkdir()
         step("building the static-KV-cache decoder graph" if layout == "static" else "tracing the ONNX graph")
-        adapter.write_graph(model, recipe, layout, traced, quantized=bool(quantize), cuda=dtype == "fp16")
+        adapter.write_graph(model, recipe, layout, traced, quantized=bool(quantize), cuda=dtype == "fp16",
+                            even_rows=options.needs_even_rows)
         del model
         gc.collect()  # free the PyTorch weights before ONNX Runtime loads its copy
 
@@ -212,6 +215,18 @@ def export(
         manifest.write(work)
         stage.commit()
     return manifest
+
+
+def _choose_int4_block(options: Any, block: int, pads_rows: bool, step: Progress) -> None:
+    """The recipe's int4 block (measured per shape), unless it needs padded rows to stay
+    batch-invariant and this graph cannot pad them: then the invariant default."""
+    from . import precision
+
+    options.int4_block = block
+    if options.needs_even_rows and not pads_rows:
+        options.int4_block = precision.rewrite.INT4_BLOCK
+        step(f"int4 blocks of {options.int4_block}: this graph cannot pad rows, which blocks of {block} need "
+             "to stay batch-invariant")
 
 
 def _quality_reference(model: Any, manifest: Manifest, tokenizer: RecipeTokenizer) -> Any:

@@ -14,8 +14,10 @@ in a crowd):
 - `NBitBlocks` (`Int4Blocks`): `com.microsoft.MatMulNBits` (4- or 8-bit blocks along K, bias
   inside the node; accuracy_level 4 quantizes activations to int8 per row block). Measured on
   ORT 1.32 (tests/test_batch_invariance.py): batch-invariant for blocks of 16 and 32 at
-  accuracy_level 4 only; blocks of 64+, and accuracy_level 0/1 (fp32 compute), take a
-  different kernel for M == 1 and are not. One node per product where Int8PerRow needs six,
+  accuracy_level 4; blocks of 64+ compute rows in pairs (each row independent of its
+  partner) but a lone row with another kernel, so they are invariant only in a graph that
+  pads every product's rows to an even count (`even_rows`, decoder_graph.py); accuracy_level
+  0/1 (fp32 compute) is not invariant. One node per product where Int8PerRow needs six,
   which is what an 8-bit decoder step gains (the kernel is slower than MLAS's u8s8 GEMM for
   M > 1, see README "CPU precision").
 
@@ -117,10 +119,11 @@ class NBitBlocks:
     accuracy_level: int = 4
     symmetric: bool = False
     bits: int = 4
+    even_rows: bool = False  # the graph pads every product's rows to an even count
 
     @property
     def batch_invariant(self) -> bool:
-        return self.block in INT4_INVARIANT_BLOCKS and self.accuracy_level == INVARIANT_ACCURACY_LEVEL
+        return self.accuracy_level == INVARIANT_ACCURACY_LEVEL and (self.block in INT4_INVARIANT_BLOCKS or self.even_rows)
 
     def __call__(self, x: str, weight: np.ndarray, bias: str, output: str, stem: str) -> tuple[list[Any], list[Any]]:
         from onnx import helper, numpy_helper

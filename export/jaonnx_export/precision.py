@@ -52,6 +52,12 @@ class Options:
     def name(self) -> str:
         return self.quantize or self.dtype
 
+    @property
+    def needs_even_rows(self) -> bool:
+        """int4 blocks that are batch-invariant only when every product sees an even row count
+        (linear_ops.NBitBlocks): the decoder graph then pads its rows (decoder_graph.py)."""
+        return self.quantize == "int4" and not rewrite.NBitBlocks(self.int4_block, rewrite.INT4_ACCURACY_LEVEL).batch_invariant
+
     def check(self) -> None:
         """One-line errors for options that do not exist or do not combine."""
         if self.quantize not in (None, *QUANTIZATIONS):

@@ -84,6 +84,16 @@ def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: boo
     return report | {"batch_invariant": int8.batch_invariant}
 
 
+def pads_rows_to_even(src: Path) -> bool:
+    """Whether the graph at `src` pads its rows to an even count (decoder_graph.EVEN_ROWS_KEY)."""
+    import onnx
+
+    from .decoder_graph import EVEN_ROWS_KEY
+
+    model = onnx.load(str(src), load_external_data=False)
+    return any(p.key == EVEN_ROWS_KEY and p.value == "1" for p in model.metadata_props)
+
+
 def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, lm_head: str = "int8",
                   block: int = INT4_BLOCK, reduce_range: bool | None = None, symmetric: bool = False,
                   accuracy_level: int = INT4_ACCURACY_LEVEL, embedding: str | None = None,
@@ -97,7 +107,8 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
 
         raise JaonnxError(f"the int4 LM head must be int4, int8 or fp32, not {lm_head!r}")
     reduce_range = PORTABLE_REDUCE_RANGE if reduce_range is None else reduce_range
-    int4 = NBitBlocks(block, accuracy_level, symmetric)
+    even_rows = pads_rows_to_even(src)
+    int4 = NBitBlocks(block, accuracy_level, symmetric, even_rows=even_rows)
     int8 = int8_linear(head_kernel, reduce_range, default_opset(src))
     used: list[Linear] = []
     heads: list[int] = []
@@ -117,6 +128,7 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
     report: dict[str, Any] = {"method": method, "matmuls_quantized": count, "block_size": block,
                               "symmetric": symmetric, "accuracy_level": accuracy_level,
                               "lm_head": lm_head if heads else None,
+                              "even_rows": even_rows,
                               "batch_invariant": all(linear.batch_invariant for linear in used)}
     if heads and lm_head == "int8":
         report["head_kernel"] = head_kernel

@@ -70,6 +70,10 @@ class Recipe:
     position_start: int = 0  # first position id; baked into the exported graph
     token_type_ids: bool = False  # model has a segment embedding (fed all zeros)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    # `jaonnx export --quantize int4` without --int4-block: MatMulNBits' block along K, chosen per
+    # shape by measurement (README "CPU precision"): 32 where the kernel's compute shows (small
+    # models), 128 where reading the weights dominates (japanese-gpt-1b: fewer bytes per weight).
+    int4_block: int = 32
     notes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +177,7 @@ register(
             do_sample=True, max_length=100, min_length=100, top_k=500, top_p=0.95,
             bad_words=("unk",),
         ),
+        int4_block=128,
         notes="Prompts encoded with add_special_tokens=False; card samples to max_length=min_length=100.",
     )
 )
