@@ -14,9 +14,9 @@ from .linear_ops import Int8PerRow, Linear, NBitBlocks, QuantizedTable
 from .weight_codecs import pack_int4, quantize_weight, unpack_int4  # noqa: F401  (public names)
 from .weight_rewrite import default_opset, rewrite_weight_products
 
-# int4 block size along K. 32 and 128 were measured (see notes/precision-readme.md): 32 keeps
-# the trained twins' top-1 agreement higher at the same decode speed within noise, and it is
-# batch-invariant (blocks of 64+ are not; linear_ops.py).
+# int4 block size along K when the recipe says nothing else (Recipe.int4_block chooses per shape:
+# README "Which precision per task"). 32 is batch-invariant in any graph; blocks of 64+ only in one
+# that pads its rows to an even count (linear_ops.py, decoder_graph.EvenRows).
 INT4_BLOCK = 32
 INT4_ACCURACY_LEVEL = 4  # int8 activations x int4 weights (MLAS sqnbitgemm CompInt8)
 # int8 reduce_range: 7-bit weights. MLAS's u8s8 kernel on x86 without VNNI (vpmaddubsw) can
