@@ -155,6 +155,34 @@ def test_int4_lm_head_option_and_block_size(twins_dir: Path, cache_dir: Path) ->
     assert _manifest(directory)["quality"]["conversion"]["lm_head"] == "int4"
 
 
+def test_the_recipes_int4_block_needs_a_graph_that_pads_rows(converted: dict) -> None:
+    """rinna-gpt-1b's recipe asks for blocks of 128 (measured at its shape), which stay
+    batch-invariant only through the static graph's even rows. Its twin (head_dim 4) takes the
+    concat layout, which cannot pad: the export falls back to blocks of 32, still invariant; a
+    recipe with a block MatMulNBits lacks is a one-line error."""
+    import dataclasses
+
+    from jaonnx.errors import JaonnxError
+    from jaonnx.recipes import get_recipe
+    from jaonnx_export.export import _choose_int4_block
+    from jaonnx_export.precision import Options
+
+    recipe = get_recipe("rinna-gpt-1b")
+    assert recipe.int4_block == 128
+    conversion = _manifest(converted[("rinna-gpt-1b", "int4")])["quality"]["conversion"]
+    assert (conversion["block_size"], conversion["even_rows"], conversion["batch_invariant"]) == (32, False, True)
+
+    said: list[str] = []
+    padded = Options(quantize="int4")
+    _choose_int4_block(padded, recipe, True, said.append)
+    assert (padded.int4_block, padded.needs_even_rows, said) == (128, True, [])
+    unpadded = Options(quantize="int4")
+    _choose_int4_block(unpadded, recipe, False, said.append)
+    assert (unpadded.int4_block, unpadded.needs_even_rows) == (32, False) and "cannot pad rows" in said[0]
+    with pytest.raises(JaonnxError, match="int4_block must be one of .*not 100: fix the recipe"):
+        _choose_int4_block(Options(quantize="int4"), dataclasses.replace(recipe, int4_block=100), True, said.append)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_block_packing_matches_onnxruntime(bits: int) -> None:
     """Our packer's layout is what MatMulNBits computes with: ORT's result equals x @ (our

@@ -158,7 +158,7 @@ def export(
         layout = adapter.kv_layout(config, kv_cache, step)
         graph = adapter.graph_io(config, layout)
         if int4_block is None and quantize == "int4":
-            _choose_int4_block(options, recipe.int4_block, adapter.pads_rows(layout), step)
+            _choose_int4_block(options, recipe, adapter.pads_rows(layout), step)
         if not graph.fusable:
             options.optimize = False
         convert = bool(quantize or dtype != "fp32" or options.optimize is not False)
@@ -217,11 +217,15 @@ def export(
     return manifest
 
 
-def _choose_int4_block(options: Any, block: int, pads_rows: bool, step: Progress) -> None:
+def _choose_int4_block(options: Any, recipe: Any, pads_rows: bool, step: Progress) -> None:
     """The recipe's int4 block (measured per shape), unless it needs padded rows to stay
     batch-invariant and this graph cannot pad them: then the invariant default."""
     from . import precision
 
+    block = recipe.int4_block
+    if block not in precision.INT4_BLOCKS:
+        raise JaonnxError(f"recipe {recipe.id}: int4_block must be one of {', '.join(map(str, precision.INT4_BLOCKS))}, "
+                          f"not {block}: fix the recipe or pass --int4-block")
     options.int4_block = block
     if options.needs_even_rows and not pads_rows:
         options.int4_block = precision.rewrite.INT4_BLOCK

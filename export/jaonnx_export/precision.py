@@ -31,6 +31,7 @@ Progress = Callable[[str], None]
 QUANTIZATIONS = ("int8", "int4")
 LM_HEADS = ("int4", "int8", "fp32")
 EMBEDDINGS = ("int8", "int4", "fp32")
+INT4_BLOCKS = (16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Options:
         if self.quantize and self.dtype != "fp32":
             raise JaonnxError(f"--quantize {self.quantize} and --dtype fp16 do not combine: "
                               "int8/int4 are for CPU, fp16 for CUDA")
-        if self.int4_block not in (16, 32, 64, 128, 256):
+        if self.int4_block not in INT4_BLOCKS:
             raise JaonnxError(f"--int4-block must be a power of two from 16 to 256, not {self.int4_block}")
         if self.lm_head not in LM_HEADS:
             raise JaonnxError(f"--lm-head must be int4, int8 or fp32, not {self.lm_head!r}")

@@ -71,7 +71,7 @@ class Recipe:
     token_type_ids: bool = False  # model has a segment embedding (fed all zeros)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     # `jaonnx export --quantize int4` without --int4-block: MatMulNBits' block along K, chosen per
-    # shape by measurement (README "CPU precision"): 32 where the kernel's compute shows (small
+    # shape by measurement (README "Which precision per task"): 32 where the kernel's compute shows (small
     # models), 128 where reading the weights dominates (japanese-gpt-1b: fewer bytes per weight).
     int4_block: int = 32
     notes: str = ""
