@@ -200,16 +200,17 @@ def test_prefix_cache_blocks_are_shared_and_leaves_are_evicted_first():
     b = list(range(8)) + [50, 51, 52, 53, 54]  # shares both blocks, adds one (50-53)
     cache.store(b, read_of(b))
     assert cache.blocks == 3 and cache.bytes == 3 * block_bytes
-    n, blocks = cache.lookup(b)
+    n, blocks = cache.lookup(b + [60])
     kv = np.concatenate(blocks, axis=2)
     assert n == 12 and kv.shape == (2, 1, 12, 1) and kv[0, 0, :, 0].tolist() == list(range(12))
-    assert cache.lookup(list(range(5)))[0] == 4  # the last token is always left to compute
+    assert cache.lookup(b)[0] == 8  # the last two tokens are always left to compute (no lone token)
+    assert cache.lookup(list(range(6)))[0] == 4 and cache.lookup(list(range(5)))[0] == 0
     assert cache.lookup([9, 9, 9, 9, 9])[0] == 0
     c = [7, 7, 7, 7, 8, 8, 8, 8, 1]
     cache.store(c, read_of(c))  # needs two blocks: room for one -> the LRU leaf (50-53) goes
     assert cache.evictions == 1 and cache.bytes <= cache.max_bytes
     assert cache.lookup(b)[0] == 8 and cache.lookup(a)[0] == 8
-    assert (cache.queries, cache.hits) == (13 + 5 + 5 + 13 + 10, 12 + 4 + 0 + 8 + 8)
+    assert (cache.queries, cache.hits) == (14 + 13 + 6 + 5 + 5 + 13 + 10, 12 + 8 + 4 + 0 + 0 + 8 + 8)
 
 
 def test_head_of_line_gap_bookkeeping_by_hand():
@@ -257,3 +258,56 @@ def test_prompt_logprobs_in_chunks_while_rows_run_equal_transformers(layout):
         ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1).numpy()
     np.testing.assert_allclose([lp.logprob for lp in lps], ref[np.arange(len(ids) - 1), ids[1:]], atol=1e-4)
     assert [[t for t, _ in lp.top] for lp in lps] == [list(np.argsort(-r, kind="stable")[:2]) for r in ref[:-1]]
+
+
+# ---- no lone prompt token: a prompt's KV is the same however it is chunked ---------------------
+
+def test_prefill_chunk_never_leaves_or_takes_a_lone_token() -> None:
+    from jaonnx.generation.engine import prefill_chunk
+
+    for remaining in range(1, 70):
+        for budget in range(1, 70):
+            n = prefill_chunk(remaining, budget)
+            assert 1 <= n <= remaining and n <= max(budget, 2) + 1, (remaining, budget, n)
+            if remaining > 1:
+                assert n >= 2 and remaining - n != 1, (remaining, budget, n)
+            if budget >= remaining:
+                assert n == remaining
+
+
+def _logprobs(engine, joins: dict[int, list[tuple[str, list[int]]]], want: str) -> list[float]:
+    """Drive `engine`, adding `joins[step]` before that step; the logprobs request `want` got."""
+    options = dict(GREEDY, logprobs=1)
+    got: list[float] = []
+    step = 0
+    while engine.has_unfinished_requests() or joins:
+        for rid, ids in joins.pop(step, []):
+            engine.add_request(ids, request_id=rid, **options)
+        for out in engine.step():
+            if out.request_id == want:
+                got += [t.logprob for t in out.logprobs or []]
+        step += 1
+    return got
+
+
+def test_a_prompt_gives_the_same_bits_whatever_splits_it(gen) -> None:
+    """A joining prompt's budget split and a warm prefix both leave no lone token to prefill:
+    the twin's fp32 logits from a one-token chunk differ in the last bits (1e-6) from the whole
+    prompt's, and quantized artifacts amplify that. The generated tokens' log-probabilities
+    must equal the solo run's bit for bit: with a budget that would leave one token for a
+    second chunk, and with a cached prefix that would leave one token to compute."""
+    rng = np.random.default_rng(3)
+    vocab = gen.manifest.tokenizer_size
+    prompt = rng.integers(5, vocab, 81).tolist()  # 5 blocks of 16 + 1
+    other = rng.integers(5, vocab, 6).tolist()
+    solo = _logprobs(gen.engine(max_batch_size=4, prefix_cache=False), {0: [("p", prompt)]}, "p")
+    assert len(solo) == GREEDY["max_new_tokens"]
+    # rows running, a budget of 80: without the rule the prompt would be prefilled as 80 + 1
+    crowd = gen.engine(max_batch_size=4, prefix_cache=False, max_prefill_tokens=80)
+    assert _logprobs(crowd, {0: [("o", other)], 1: [("p", prompt)]}, "p") == solo
+    # the first 80 tokens cached by another request: without the rule 1 token would be left
+    warm = gen.engine(max_batch_size=4)
+    assert _logprobs(warm, {0: [("o", prompt[:80] + other)]}, "o") and warm.prefix_cache.hits == 0
+    assert _logprobs(warm, {0: [("p", prompt)]}, "p") == solo
+    assert warm.prefix_cache.hits == 64  # 4 blocks: the 5th would have left one token
+

@@ -69,10 +69,12 @@ class PrefixCache:
 
     def lookup(self, ids: Sequence[int]) -> tuple[int, list[np.ndarray]]:
         """How many leading tokens of `ids` have cached KV (whole blocks, leaving at least the
-        last token to compute, since its logits are needed) and those blocks' KV, in order
-        (not concatenated: the batch decoder writes them where they go, one copy)."""
+        last two tokens to compute: the last one's logits are needed, and a lone token would take
+        attention's one-token kernel, whose sums differ in the last bits from the prompt kernel's
+        (see engine.prefill_chunk): a warm prompt would not equal a cold one) and those blocks'
+        KV, in order (not concatenated: the batch decoder writes them where they go, one copy)."""
         self.queries += len(ids)
-        chain = self._chain(ids, (len(ids) - 1) // self.block_size)
+        chain = self._chain(ids, max(0, len(ids) - 2) // self.block_size)
         for key, _ in reversed(chain):  # children first: parents end up more recent
             self._blocks.move_to_end(key)
         n = len(chain) * self.block_size
