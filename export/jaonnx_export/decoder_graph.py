@@ -81,6 +81,14 @@ def decoder_shape(config: Any) -> DecoderShape:
                         head_dim=int(config.n_embd) // int(config.n_head), kv_layout="static")
 
 
+def has_even_rows(path: Path) -> bool:
+    """Whether the graph at `path` was built with `even_rows` (its metadata says so)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(p.key == EVEN_ROWS_KEY and p.value == "1" for p in model.metadata_props)
+
+
 class EvenRows:
     """The nodes of `even_rows` (module docstring): [batch, sequence, width] <-> [rows, width],
     the latter with one zero row added when batch x sequence is odd. `node(op, inputs, out,

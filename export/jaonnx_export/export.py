@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaonnx.artifact import Manifest
 from jaonnx.errors import JaonnxError
@@ -28,6 +28,11 @@ from .load_only import load_only_ranges
 from .ort_fixed_point import apply_ort_passes, ort_fixed_point
 from .sources import Source, resolve
 from .staging import Staging
+
+if TYPE_CHECKING:
+    from jaonnx.recipes import Recipe
+
+    from .precision import Options
 
 Progress = Callable[[str], None]
 
@@ -217,7 +222,7 @@ def export(
     return manifest
 
 
-def _choose_int4_block(options: Any, recipe: Any, pads_rows: bool, step: Progress) -> None:
+def _choose_int4_block(options: Options, recipe: Recipe, pads_rows: bool, step: Progress) -> None:
     """The recipe's int4 block (measured per shape), unless it needs padded rows to stay
     batch-invariant and this graph cannot pad them: then the invariant default."""
     from . import precision

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .decoder_graph import has_even_rows
 from .linear_ops import Int8PerRow, Linear, NBitBlocks, QuantizedTable
 from .weight_codecs import pack_int4, quantize_weight, unpack_int4  # noqa: F401  (public names)
 from .weight_rewrite import default_opset, rewrite_weight_products
@@ -84,16 +85,6 @@ def quantize_int8(src: Path, dst: Path, data_file: str | None, reduce_range: boo
     return report | {"batch_invariant": int8.batch_invariant}
 
 
-def pads_rows_to_even(src: Path) -> bool:
-    """Whether the graph at `src` pads its rows to an even count (decoder_graph.EVEN_ROWS_KEY)."""
-    import onnx
-
-    from .decoder_graph import EVEN_ROWS_KEY
-
-    model = onnx.load(str(src), load_external_data=False)
-    return any(p.key == EVEN_ROWS_KEY and p.value == "1" for p in model.metadata_props)
-
-
 def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, lm_head: str = "int8",
                   block: int = INT4_BLOCK, reduce_range: bool | None = None, symmetric: bool = False,
                   accuracy_level: int = INT4_ACCURACY_LEVEL, embedding: str | None = None,
@@ -107,7 +98,7 @@ def quantize_int4(src: Path, dst: Path, data_file: str | None, vocab_size: int, 
 
         raise JaonnxError(f"the int4 LM head must be int4, int8 or fp32, not {lm_head!r}")
     reduce_range = PORTABLE_REDUCE_RANGE if reduce_range is None else reduce_range
-    even_rows = pads_rows_to_even(src)
+    even_rows = has_even_rows(src)
     int4 = NBitBlocks(block, accuracy_level, symmetric, even_rows=even_rows)
     int8 = int8_linear(head_kernel, reduce_range, default_opset(src))
     used: list[Linear] = []
